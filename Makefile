@@ -1,0 +1,79 @@
+# The README's commands, and container images.
+#   make up | down | logs            the stack with docker compose
+#   make run-local                   the same processes on this machine, without Docker
+#   make test                        the whole test suite
+#   make buildx-builder                                once: a builder for multi-platform images
+#   make docker-build SERVICE=worker VERSION=1.2.0     one service, linux/amd64 + linux/arm64
+#   make docker-build-all VERSION=1.2.0                every service
+#   make docker-push SERVICE=worker VERSION=1.2.0      build and push one service
+#   make docker-push-all VERSION=1.2.0                 build and push every service
+# Images are tagged $(REGISTRY)/<service>:$(VERSION); set REGISTRY to your registry's prefix.
+
+SERVICES := user_service campaign_service worker gateway migrate
+REGISTRY ?= campaign-platform
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+PLATFORMS ?= linux/amd64,linux/arm64
+BUILDX ?= docker buildx
+
+port_user_service := 8000
+port_campaign_service := 8001
+port_gateway := 8080
+port_worker := 9000
+port_migrate := 8000
+
+.PHONY: up down logs run-local test check jwt-key docker-build docker-build-all docker-push \
+	docker-push-all benchmark buildx-builder _require-service
+
+up:
+	docker compose up --build --detach
+
+down:
+	docker compose down
+
+logs:
+	docker compose logs --follow
+
+run-local:
+	./scripts/run-local
+
+test:
+	./scripts/test
+
+benchmark:
+	./scripts/benchmark
+
+check:
+	bash .ci/run
+
+# A new Ed25519 signing key in PEM, for JWT_PRIVATE_KEY in .env.
+jwt-key:
+	@python3 -c 'from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey as K; from cryptography.hazmat.primitives import serialization as s; print(K.generate().private_bytes(s.Encoding.PEM, s.PrivateFormat.PKCS8, s.NoEncryption()).decode(), end="")' 2>/dev/null \
+	  || .venv/bin/python -c 'from joserfc.jwk import OKPKey; print(OKPKey.generate_key("Ed25519").as_pem(private=True).decode(), end="")'
+
+_require-service:
+	@case " $(SERVICES) " in *" $(SERVICE) "*) ;; \
+	  *) echo "SERVICE must be one of: $(SERVICES)" >&2; exit 2 ;; esac
+
+# Multi-platform builds need a builder with the docker-container driver (once per machine).
+buildx-builder:
+	$(BUILDX) inspect campaign-platform >/dev/null 2>&1 \
+	  || $(BUILDX) create --name campaign-platform --driver docker-container --use
+
+# Multi-platform images stay in the builder's cache unless pushed (docker-push does).
+docker-build: _require-service
+	$(BUILDX) build --platform $(PLATFORMS) \
+	  --build-arg SERVICE=$(SERVICE) --build-arg PORT=$(port_$(SERVICE)) \
+	  --tag $(REGISTRY)/$(SERVICE):$(VERSION) $(BUILD_FLAGS) .
+
+docker-build-all:
+	@for service in $(SERVICES); do \
+	  $(MAKE) --no-print-directory docker-build SERVICE=$$service VERSION=$(VERSION) || exit 1; \
+	done
+
+docker-push: BUILD_FLAGS = --push
+docker-push: docker-build
+
+docker-push-all:
+	@for service in $(SERVICES); do \
+	  $(MAKE) --no-print-directory docker-push SERVICE=$$service VERSION=$(VERSION) || exit 1; \
+	done

@@ -1,0 +1,5 @@
+from shared.errors import NotFound
+
+
+class CampaignNotFound(NotFound):
+    detail = "Campaign not found"

@@ -1,0 +1,26 @@
+from __future__ import annotations
+
+from pydantic import Field
+
+from shared.settings import BrokerSettings, DatabaseSettings
+
+
+class CampaignServiceSettings(DatabaseSettings, BrokerSettings):
+    service_name: str = "campaign_service"
+
+    # Token verification: keys from user_service's JWKS, or from configured public keys (PEM,
+    # one or more) when JWT_PUBLIC_KEYS is set. Issuer and audience must match user_service's.
+    jwt_issuer: str = "campaign-platform"
+    jwt_audience: str = "campaign-platform"
+    jwt_jwks_url: str = "http://127.0.0.1:8000/.well-known/jwks.json"
+    jwt_public_keys: str | None = None
+    jwt_jwks_cache_seconds: float = Field(default=300.0, gt=0)
+    jwt_leeway_seconds: int = Field(default=0, ge=0, le=300)
+
+    # The outbox relay: rows claimed per transaction, the poll for rows a notification missed
+    # (another replica's, or left by a broker outage), the bound on one publish, and the longest
+    # pause before retrying a row whose publish failed.
+    outbox_batch_size: int = Field(default=100, ge=1, le=10_000)
+    outbox_poll_interval_seconds: float = Field(default=1.0, gt=0)
+    outbox_publish_timeout_seconds: float = Field(default=5.0, gt=0)
+    outbox_max_backoff_seconds: float = Field(default=30.0, gt=0)

@@ -1,0 +1,76 @@
+"""The gateway: the platform's single entry point. Its own routes are mounted first; every other
+path goes through the route table (gateway/settings.py) to an upstream service."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from prometheus_client import CollectorRegistry
+
+from gateway.proxy import Proxy
+from gateway.routes import RouteTable
+from gateway.settings import GatewaySettings
+from gateway.status import router as status_router
+from shared.logs import configure_logging
+from shared.telemetry import NO_NATIVE_TELEMETRY
+from shared.web import ReadinessCheck, health_router, install_common
+
+PROXIED_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+
+
+def create_app(settings: GatewaySettings | None = None) -> FastAPI:
+    settings = settings or GatewaySettings()
+    configure_logging(settings)
+    registry = CollectorRegistry()
+    routes = RouteTable(settings.gateway_routes)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # One pooled client for every upstream: no connection set up per request.
+        client = httpx.AsyncClient(
+            timeout=httpx.Timeout(
+                settings.gateway_timeout_seconds,
+                connect=settings.gateway_connect_timeout_seconds,
+                pool=settings.gateway_pool_timeout_seconds,
+            ),
+            limits=httpx.Limits(
+                max_connections=settings.gateway_max_connections,
+                max_keepalive_connections=settings.gateway_max_keepalive_connections,
+            ),
+            follow_redirects=False,
+        )
+        app.state.settings = settings
+        app.state.routes = routes
+        app.state.http = client
+        app.state.proxy = Proxy(client, routes, settings.gateway_max_body_bytes)
+        try:
+            yield
+        finally:
+            await client.aclose()
+
+    app = FastAPI(
+        title="gateway",
+        summary="The single entry point: routes /api/* to the platform's services.",
+        version="0.1.0",
+        lifespan=lifespan,
+        telemetry=NO_NATIVE_TELEMETRY,
+    )
+    # The gateway's body limit answers 413 itself, so the services' 422 guard is not used here.
+    install_common(app, settings=settings, registry=registry, max_body_bytes=None)
+
+    def readiness() -> dict[str, ReadinessCheck]:
+        return {}  # the gateway itself depends on nothing; see /api/gateway/status
+
+    app.include_router(health_router(readiness, timeout=settings.readiness_timeout_seconds))
+    app.include_router(status_router)
+
+    @app.api_route("/{path:path}", methods=PROXIED_METHODS, include_in_schema=False)
+    async def proxy(request: Request) -> Response:
+        gateway: Proxy = request.app.state.proxy
+        return await gateway.handle(request)
+
+    return app

@@ -1,0 +1,71 @@
+# Shared steps of scripts/run-local, scripts/test and .ci/run. Source it; do not run it.
+# shellcheck shell=bash
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+VENV="$ROOT/.venv"
+
+log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+# The virtual environment, installed from the hash-pinned lock (again only when the lock changed).
+ensure_venv() {
+  if [ ! -x "$VENV/bin/python" ]; then
+    log "creating the virtual environment (.venv)"
+    "${PYTHON:-python3}" -m venv "$VENV"
+  fi
+  local want have
+  want=$(sha256sum "$ROOT/requirements.lock" | cut -d' ' -f1)
+  have=$(cat "$VENV/.lock.sha256" 2>/dev/null || true)
+  if [ "$want" != "$have" ]; then
+    log "installing dependencies from requirements.lock"
+    if command -v uv >/dev/null 2>&1; then
+      uv pip sync --quiet --require-hashes --python "$VENV/bin/python" "$ROOT/requirements.lock"
+    else
+      "$VENV/bin/pip" install --quiet --require-hashes --no-deps -r "$ROOT/requirements.lock"
+    fi
+    echo "$want" >"$VENV/.lock.sha256"
+  fi
+}
+
+wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
+  local seconds=$1 what=$2
+  shift 2
+  local deadline=$((SECONDS + seconds))
+  until "$@" >/dev/null 2>&1; do
+    if [ "$SECONDS" -ge "$deadline" ]; then
+      log "$what did not come up within ${seconds}s"
+      return 1
+    fi
+    sleep 1
+  done
+}
+
+# PostgreSQL and RabbitMQ on this machine (with RabbitMQ's management API): start what is down.
+ensure_services() {
+  if ! pg_isready -q -h 127.0.0.1; then
+    log "starting PostgreSQL"
+    pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n1)" main start
+    wait_for 60 PostgreSQL pg_isready -q -h 127.0.0.1
+  fi
+  if ! rabbitmq-diagnostics -q ping >/dev/null 2>&1; then
+    log "starting RabbitMQ"
+    rabbitmq-server -detached
+    wait_for 120 RabbitMQ rabbitmq-diagnostics -q check_running
+  fi
+  if ! curl -fsu guest:guest http://127.0.0.1:15672/api/overview >/dev/null 2>&1; then
+    log "enabling the RabbitMQ management plugin (UI and HTTP API on :15672)"
+    rabbitmq-plugins enable --quiet rabbitmq_management >/dev/null
+    wait_for 60 "RabbitMQ management API" curl -fsu guest:guest http://127.0.0.1:15672/api/overview
+  fi
+}
+
+# Tools the tests and the local run call: Debian's prometheus package (prometheus, and promtool,
+# which checks the metrics format).
+ensure_tools() {
+  if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
+    log "installing promtool (Debian package prometheus)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 || {
+      apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+    }
+  fi
+}

@@ -1,0 +1,93 @@
+"""Domain errors carry their HTTP status; one handler renders them as ``{"detail": …}``.
+
+422 is for payload validation only, and its body names each failing field (``loc``) without
+echoing the rejected input back (a password that is too short stays out of the response).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, ClassVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import SQLAlchemyError
+
+from shared.db import database_unavailable
+
+logger = logging.getLogger(__name__)
+
+
+class DomainError(Exception):
+    status_code: ClassVar[int] = 400
+    detail: ClassVar[str] = "Bad request"
+    headers: ClassVar[dict[str, str] | None] = None
+
+    def __init__(self, detail: str | None = None) -> None:
+        self.message = detail or self.detail
+        super().__init__(self.message)
+
+
+class NotFound(DomainError):
+    status_code = 404
+    detail = "Not found"
+
+
+class Conflict(DomainError):
+    status_code = 409
+    detail = "Conflict"
+
+
+class Unauthorized(DomainError):
+    status_code = 401
+    detail = "Not authenticated"
+    headers: ClassVar[dict[str, str] | None] = {"WWW-Authenticate": "Bearer"}
+
+
+class ServiceUnavailable(DomainError):
+    status_code = 503
+    detail = "Service temporarily unavailable"
+    headers: ClassVar[dict[str, str] | None] = {"Retry-After": "5"}
+
+
+def validation_detail(errors: Any) -> list[dict[str, Any]]:
+    return [
+        {"loc": list(error.get("loc", ())), "msg": error.get("msg", ""), "type": error.get("type")}
+        for error in errors
+    ]
+
+
+async def _domain_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, DomainError)
+    return JSONResponse({"detail": exc.message}, status_code=exc.status_code, headers=exc.headers)
+
+
+async def _database_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    if database_unavailable(exc):
+        logger.warning("database unavailable", extra={"error": repr(exc), "path": request.url.path})
+        return JSONResponse(
+            {"detail": "The database is unavailable; try again shortly"},
+            status_code=503,
+            headers={"Retry-After": "5"},
+        )
+    return await _unexpected_error_handler(request, exc)
+
+
+async def _unexpected_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    logger.error("unexpected error", exc_info=exc, extra={"path": request.url.path})
+    return JSONResponse({"detail": "Internal Server Error"}, status_code=500)
+
+
+async def _validation_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    return JSONResponse({"detail": validation_detail(exc.errors())}, status_code=422)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(DomainError, _domain_error_handler)
+    app.add_exception_handler(RequestValidationError, _validation_error_handler)
+    # A dependency that is away (the database, mostly) surfaces as one of these.
+    for outage in (SQLAlchemyError, OSError, TimeoutError):
+        app.add_exception_handler(outage, _database_error_handler)
+    app.add_exception_handler(Exception, _unexpected_error_handler)

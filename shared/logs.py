@@ -1,0 +1,100 @@
+"""JSON logs: one object per line, on every process, uvicorn's own loggers included.
+
+Each line carries ``timestamp`` (UTC, ISO 8601), ``level``, ``service``, ``logger``, ``message``,
+``trace_id``/``span_id`` (the hex forms Jaeger shows) while a span is active, and whatever the
+call passed in ``extra=``. Nothing here logs request bodies, so a password never reaches a line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from datetime import UTC, datetime
+from typing import Any
+
+from opentelemetry import trace
+
+from shared.settings import CommonSettings
+
+# Attributes every LogRecord has; anything else on a record came from ``extra=``.
+_RECORD_ATTRIBUTES = frozenset(
+    vars(logging.LogRecord("", 0, "", 0, "", None, None)).keys()
+    | {"message", "asctime", "taskName", "color_message"}
+)
+_UVICORN_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access")
+_HANDLER_NAME = "campaign-platform-json"
+_context: ContextVar[dict[str, Any]] = ContextVar("log_context", default={})  # noqa: B039
+
+
+@contextmanager
+def log_context(**fields: Any) -> Iterator[None]:
+    """Add ``fields`` to every line logged inside the block (this task and those it starts)."""
+    token = _context.set({**_context.get(), **fields})
+    try:
+        yield
+    finally:
+        _context.reset(token)
+
+
+class JsonFormatter(logging.Formatter):
+    def __init__(self, service: str) -> None:
+        super().__init__()
+        self.service = service
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "timestamp": datetime.fromtimestamp(record.created, UTC).isoformat(
+                timespec="milliseconds"
+            ),
+            "level": record.levelname,
+            "service": self.service,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        span_context = trace.get_current_span().get_span_context()
+        if span_context.is_valid:
+            line["trace_id"] = format(span_context.trace_id, "032x")
+            line["span_id"] = format(span_context.span_id, "016x")
+        line.update(_context.get())
+        if record.name == "uvicorn.access" and isinstance(record.args, tuple):
+            line.update(_access_fields(record.args))
+        for key, value in vars(record).items():
+            if key not in _RECORD_ATTRIBUTES and not key.startswith("_"):
+                line[key] = value
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str, ensure_ascii=False)
+
+
+def _access_fields(args: tuple[Any, ...]) -> dict[str, Any]:
+    if len(args) != 5:
+        return {}
+    client, method, path, http_version, status = args
+    return {
+        "client": client,
+        "method": method,
+        "path": path,
+        "http_version": http_version,
+        "status_code": status,
+    }
+
+
+def configure_logging(settings: CommonSettings) -> None:
+    """Route every logger (uvicorn's too) through one JSON handler on stdout. Idempotent."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(JsonFormatter(settings.service_name))
+    handler.set_name(_HANDLER_NAME)
+    root = logging.getLogger()
+    # Replace our own handler from an earlier call; leave any other (a test runner's) alone.
+    root.handlers[:] = [h for h in root.handlers if h.get_name() != _HANDLER_NAME] + [handler]
+    root.setLevel(settings.log_level.upper())
+    for name in _UVICORN_LOGGERS:
+        uvicorn_logger = logging.getLogger(name)
+        uvicorn_logger.handlers.clear()
+        uvicorn_logger.propagate = True
+    # One line per outgoing request (the gateway's, the JWKS fetch) would repeat the access log.
+    logging.getLogger("httpx").setLevel(max(root.level, logging.WARNING))

@@ -1,0 +1,228 @@
+"""RabbitMQ: the topology, declared idempotently by every process that needs it, and the broker.
+
+```
+campaigns (topic) --campaign.created--> worker.campaign.created (quorum)
+                                          | reject / delivery limit
+                                          v
+        campaign.deadletter (fanout) --> campaign.deadletter (quorum)
+
+worker.campaign.created.retry.<ms>ms (quorum, x-message-ttl) --expired--> "" (default exchange)
+                                          routing key worker.campaign.created --> back to the queue
+```
+
+Queue arguments are constants: RabbitMQ refuses to redeclare a queue with other arguments, so
+every process must declare exactly these (``rabbitmq/definitions.json`` mirrors them, and a test
+holds the two equal). The retry ladder is the worker's setting; each delay queue's arguments
+depend only on its own delay, so two ladders never conflict.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, cast
+
+from faststream._internal.types import BrokerMiddleware
+from faststream.message import StreamMessage
+from faststream.rabbit import (
+    Channel,
+    ExchangeType,
+    QueueType,
+    RabbitBroker,
+    RabbitExchange,
+    RabbitQueue,
+)
+from faststream.rabbit.schemas.queue import QuorumQueueArgs
+
+from shared.events import CAMPAIGN_CREATED
+
+logger = logging.getLogger(__name__)
+
+CAMPAIGNS_EXCHANGE = RabbitExchange("campaigns", type=ExchangeType.TOPIC, durable=True)
+DEAD_LETTER_EXCHANGE = RabbitExchange("campaign.deadletter", type=ExchangeType.FANOUT, durable=True)
+WORKER_QUEUE_NAME = "worker.campaign.created"
+# A message redelivered this many times (worker crashes, requeues) is dead-lettered by the broker
+# instead of looping forever; the worker's own attempts are counted in a header (ATTEMPT_HEADER).
+DELIVERY_LIMIT = 20
+
+
+def _quorum_arguments(**arguments: Any) -> QuorumQueueArgs:
+    """Quorum queue arguments with at-least-once dead-lettering: a dead-lettered message leaves
+    its queue only once the target queue has confirmed it (this strategy requires the
+    reject-publish overflow behaviour)."""
+    return cast(
+        QuorumQueueArgs,
+        {"x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish", **arguments},
+    )
+
+
+WORKER_QUEUE = RabbitQueue(
+    WORKER_QUEUE_NAME,
+    queue_type=QueueType.QUORUM,
+    durable=True,
+    routing_key=CAMPAIGN_CREATED,
+    arguments=_quorum_arguments(
+        **{"x-dead-letter-exchange": DEAD_LETTER_EXCHANGE.name, "x-delivery-limit": DELIVERY_LIMIT}
+    ),
+)
+DEAD_LETTER_QUEUE = RabbitQueue(
+    "campaign.deadletter", queue_type=QueueType.QUORUM, durable=True, routing_key=""
+)
+
+# Headers the worker owns (never the broker's x-death: see retry_queue()).
+ATTEMPT_HEADER = "x-attempt"
+ERROR_TYPE_HEADER = "x-last-error-type"
+ERROR_MESSAGE_HEADER = "x-last-error-message"
+# Set on the copy the worker sends back to its own queue to be rejected into the DLX with the
+# final error attached (a nack cannot add headers). See worker/processing.py.
+DEAD_LETTER_MARK_HEADER = "x-dead-letter-requested"
+
+
+def retry_queue(delay_seconds: float) -> RabbitQueue:
+    """The delay queue for one rung of the retry ladder.
+
+    Messages wait ``delay_seconds`` (a per-queue TTL, so each one expires at the head in order),
+    then the broker dead-letters them through the default exchange straight back to
+    ``worker.campaign.created``: no other subscriber of ``campaign.created`` sees a retry.
+    """
+    milliseconds = round(delay_seconds * 1000)
+    return RabbitQueue(
+        f"{WORKER_QUEUE_NAME}.retry.{milliseconds}ms",
+        queue_type=QueueType.QUORUM,
+        durable=True,
+        arguments=_quorum_arguments(
+            **{
+                "x-message-ttl": milliseconds,
+                "x-dead-letter-exchange": "",
+                "x-dead-letter-routing-key": WORKER_QUEUE_NAME,
+            }
+        ),
+    )
+
+
+def create_broker(
+    url: str,
+    *,
+    app_id: str,
+    prefetch: int | None = None,
+    graceful_timeout: float | None = 15.0,
+    reconnect_seconds: float = 5.0,
+    middlewares: Sequence[BrokerMiddleware[Any, Any]] = (),
+    apply_types: bool = True,
+) -> RabbitBroker:
+    """One broker per process: publisher confirms on, unroutable ``mandatory`` messages raise.
+
+    ``apply_types=False`` turns FastStream's dependency injection off: handlers then receive
+    what their decoder returns (see :func:`the_message_itself`). FastDepends resolves context
+    parameters in a thread pool, several thread hops per message.
+    """
+    return RabbitBroker(
+        url,
+        default_channel=Channel(
+            prefetch_count=prefetch, publisher_confirms=True, on_return_raises=True
+        ),
+        graceful_timeout=graceful_timeout,
+        middlewares=middlewares,
+        app_id=app_id,
+        reconnect_interval=reconnect_seconds,
+        apply_types=apply_types,
+        logger=logging.getLogger("faststream"),
+        log_level=logging.DEBUG,
+        # First connection attempts are ours to retry (BrokerStartup), not aio-pika's.
+        fail_fast=True,
+    )
+
+
+async def declare_core(broker: RabbitBroker) -> None:
+    """What a publisher of ``campaign.created`` relies on: the exchange, the worker's queue (so
+    a confirmed ``mandatory`` publish has somewhere to land) and the dead-letter path."""
+    dead_letters = await broker.declare_exchange(DEAD_LETTER_EXCHANGE)
+    dead_letter_queue = await broker.declare_queue(DEAD_LETTER_QUEUE)
+    await dead_letter_queue.bind(dead_letters, routing_key="")
+    exchange = await broker.declare_exchange(CAMPAIGNS_EXCHANGE)
+    queue = await broker.declare_queue(WORKER_QUEUE)
+    await queue.bind(exchange, routing_key=CAMPAIGN_CREATED)
+
+
+async def declare_retry_ladder(broker: RabbitBroker, delays_seconds: Sequence[float]) -> None:
+    for delay in delays_seconds:
+        await broker.declare_queue(retry_queue(delay))
+
+
+class BrokerStartup:
+    """Connect and set up (declare the topology, start consuming or relaying) in the
+    background, retrying the whole sequence until it succeeds, so a process starts without
+    its broker and recovers by itself. After that, aio-pika's robust connection reconnects and
+    restores consumers on its own.
+
+    :meth:`ready` is the readiness check: the setup has completed and the connection is up.
+    """
+
+    def __init__(
+        self,
+        broker: RabbitBroker,
+        setup: Callable[[], Awaitable[None]],
+        *,
+        what: str,
+        retry_seconds: float = 1.0,
+        max_retry_seconds: float = 15.0,
+    ) -> None:
+        self._broker = broker
+        self._setup = setup
+        self._what = what
+        self._retry = retry_seconds
+        self._max_retry = max_retry_seconds
+        self._task: asyncio.Task[None] | None = None
+        self.done = False
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"{self._what}-broker-startup")
+
+    async def _run(self) -> None:
+        delay = self._retry
+        while True:
+            try:
+                await self._broker.connect()
+                await self._setup()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # unreachable, refused login, a declaration refused …
+                logger.warning(
+                    "broker setup failed, retrying",
+                    extra={"component": self._what, "error": repr(exc), "retry_in_seconds": delay},
+                )
+                # Start the next attempt from a clean state (no half-started consumers).
+                with contextlib.suppress(Exception):
+                    await self._broker.stop()
+            else:
+                self.done = True
+                logger.info("broker connected and set up", extra={"component": self._what})
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self._max_retry)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+
+    async def ready(self) -> None:
+        if not self.done:
+            raise ConnectionError("broker not connected and set up yet")
+        await broker_ready(self._broker)
+
+
+async def the_message_itself(message: StreamMessage[Any]) -> StreamMessage[Any]:
+    """A subscriber decoder that hands the handler the message, undecoded: the handler parses
+    the body itself, so a body that is not what it claims (JSON that is not JSON) reaches code
+    that settles it, instead of failing in the framework before any handler runs."""
+    return message
+
+
+async def broker_ready(broker: RabbitBroker) -> None:
+    """Raise unless the broker connection is up (for /ready)."""
+    if not await broker.ping(timeout=0.5):
+        raise ConnectionError("broker connection is down")

@@ -1,0 +1,160 @@
+"""OpenTelemetry tracing, configured by the standard ``OTEL_*`` variables.
+
+- ``OTEL_SERVICE_NAME`` (default: the service's own name), ``OTEL_RESOURCE_ATTRIBUTES``;
+- ``OTEL_TRACES_SAMPLER`` / ``OTEL_TRACES_SAMPLER_ARG`` (default: parent-based, always on);
+- ``OTEL_EXPORTER_OTLP_ENDPOINT`` or ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``: spans are exported
+  over OTLP/HTTP (protobuf) when one is set; without one, spans still exist (trace ids reach
+  the logs, the AMQP headers and the job rows) but are not sent anywhere;
+- ``OTEL_TRACES_EXPORTER=none`` or ``OTEL_SDK_DISABLED=true`` turn export or tracing off.
+
+One trace per campaign: the HTTP server span (FastAPI instrumentation), the database spans
+(asyncpg instrumentation), the publish span and the worker's process span (FastStream's
+telemetry middleware, W3C ``traceparent`` in the AMQP headers), and the job row's insert.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.telemetry import TelemetryConfig
+from faststream.opentelemetry.middleware import TelemetryMiddleware
+from faststream.rabbit.opentelemetry.provider import RabbitTelemetrySettingsProvider
+from faststream.rabbit.response import RabbitPublishCommand
+from opentelemetry import propagate, trace
+from opentelemetry.context import Context
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
+from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.trace import TracerProvider, sampling
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.semconv.trace import SpanAttributes
+from opentelemetry.util.types import Attributes
+
+logger = logging.getLogger(__name__)
+
+_provider: TracerProvider | None = None
+
+# FastAPI's own OpenTelemetry layer (on by default once a tracer provider exists) would trace
+# every request a second time: the platform uses opentelemetry-instrumentation-fastapi.
+NO_NATIVE_TELEMETRY: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False}
+# Probes and scrapes are not worth a trace each.
+_UNTRACED_URLS = "health,ready,metrics"
+
+
+def configure_tracing(service_name: str) -> TracerProvider:
+    """The process's tracer provider (created once; later calls return it)."""
+    global _provider
+    if _provider is not None:
+        return _provider
+    attributes: dict[str, Any] = {}
+    if not os.environ.get("OTEL_SERVICE_NAME"):
+        attributes[SERVICE_NAME] = service_name
+    sampler = _SkipTransactionControl(sampling._get_from_env_or_default())
+    provider = TracerProvider(resource=Resource.create(attributes), sampler=sampler)
+    if _exporting():
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    trace.set_tracer_provider(provider)
+    atexit.register(provider.shutdown)  # flush the last spans when the process ends
+    AsyncPGInstrumentor().instrument(tracer_provider=provider)  # type: ignore[no-untyped-call]
+    _provider = provider
+    logger.info(
+        "tracing configured",
+        extra={
+            "exporting": _exporting(),
+            "service_name": provider.resource.attributes.get(SERVICE_NAME),
+        },
+    )
+    return provider
+
+
+class _SkipTransactionControl(sampling.Sampler):
+    """The configured sampler (OTEL_TRACES_SAMPLER), except that BEGIN, COMMIT, ROLLBACK and
+    the driver's empty ping statement get no span: they carry nothing the statements between
+    them do not show, and each span costs the process a little on a busy path."""
+
+    _SKIPPED = frozenset({"BEGIN;", "COMMIT;", "ROLLBACK;", ";", "BEGIN", "COMMIT", "ROLLBACK"})
+
+    def __init__(self, delegate: sampling.Sampler) -> None:
+        self._delegate = delegate
+
+    def should_sample(
+        self,
+        parent_context: Context | None,
+        trace_id: int,
+        name: str,
+        kind: trace.SpanKind | None = None,
+        attributes: Attributes = None,
+        links: Sequence[trace.Link] | None = None,
+        trace_state: trace.TraceState | None = None,
+    ) -> sampling.SamplingResult:
+        if name in self._SKIPPED:
+            return sampling.SamplingResult(sampling.Decision.DROP)
+        return self._delegate.should_sample(
+            parent_context, trace_id, name, kind, attributes, links, trace_state
+        )
+
+    def get_description(self) -> str:
+        return f"SkipTransactionControl({self._delegate.get_description()})"
+
+
+def _exporting() -> bool:
+    if os.environ.get("OTEL_TRACES_EXPORTER", "otlp").lower() == "none":
+        return False
+    return bool(
+        os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    )
+
+
+def instrument_app(app: FastAPI, provider: TracerProvider) -> None:
+    FastAPIInstrumentor.instrument_app(
+        app,
+        tracer_provider=provider,
+        excluded_urls=_UNTRACED_URLS,
+        # One span per request: the ASGI layer's spans for each receive and send add nothing.
+        exclude_spans=["receive", "send"],
+    )
+
+
+class _SettingsProvider(RabbitTelemetrySettingsProvider):
+    """FastStream's RabbitMQ span attributes, plus the message id on publish spans."""
+
+    def get_publish_attrs_from_cmd(self, cmd: RabbitPublishCommand) -> dict[str, Any]:
+        attributes = super().get_publish_attrs_from_cmd(cmd)
+        message_id = cmd.message_options.get("message_id")
+        if message_id:
+            attributes[SpanAttributes.MESSAGING_MESSAGE_ID] = message_id
+        return attributes
+
+
+class RabbitTracing(TelemetryMiddleware[RabbitPublishCommand]):
+    """FastStream's telemetry middleware for RabbitMQ: W3C trace context in the AMQP headers,
+    a span per publish and per processed message."""
+
+    def __init__(self, provider: TracerProvider) -> None:
+        super().__init__(
+            settings_provider_factory=lambda _: _SettingsProvider(),
+            tracer_provider=provider,
+        )
+
+
+def current_trace_context() -> dict[str, str]:
+    """The active span's W3C context (``traceparent``, ``tracestate``), to carry elsewhere."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return carrier
+
+
+def context_from(carrier: dict[str, Any]) -> Context:
+    return propagate.extract(carrier)
+
+
+def current_trace_id() -> str | None:
+    span_context = trace.get_current_span().get_span_context()
+    return format(span_context.trace_id, "032x") if span_context.is_valid else None

@@ -1,0 +1,236 @@
+"""Access-token verification, for every service that accepts a Bearer token.
+
+A token is accepted only when all of this holds:
+- its header names an algorithm on the allow-list (``alg: none``, HS256 and anything else are
+  refused before a key is looked at) and a ``kid``;
+- the ``kid`` is a key we trust: from a JWKS document (fetched, cached by ``kid``, refetched at
+  most every ``min_refresh_seconds`` when an unknown ``kid`` shows up, so a rotated key is found
+  without a restart) or from keys given in configuration;
+- the signature verifies with that key;
+- ``iss`` and ``aud`` are ours, ``exp`` is in the future, and ``sub``, ``tenant_id``, ``iat``
+  and ``jti`` are present and well-formed.
+
+joserfc's ``jwt.decode`` checks only the signature; the claims go through ``JWTClaimsRegistry``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Collection
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, ClassVar, Protocol
+
+import httpx
+from joserfc import jws, jwt
+from joserfc.errors import JoseError
+from joserfc.jwk import Key, KeySet
+
+from shared.errors import ServiceUnavailable, Unauthorized
+from shared.tenancy import TENANT_ID_PATTERN
+
+logger = logging.getLogger(__name__)
+
+SIGNING_ALGORITHM = "Ed25519"
+_TENANT_ID = re.compile(TENANT_ID_PATTERN)
+
+
+class KeysUnavailable(ServiceUnavailable):
+    """The verification keys could not be fetched: the caller's token is not at fault."""
+
+    detail = "Token verification keys are unavailable; try again shortly"
+
+
+class InvalidToken(Unauthorized):
+    detail = "Invalid or expired token"
+    headers: ClassVar[dict[str, str] | None] = {"WWW-Authenticate": 'Bearer error="invalid_token"'}
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: the verified claims of an access token."""
+
+    user_id: uuid.UUID
+    tenant_id: str
+    token_id: str
+    expires_at: datetime
+
+
+class KeyProvider(Protocol):
+    async def get(self, kid: str) -> Key | None: ...
+
+
+class StaticKeys:
+    """Keys given in configuration (a public key or a JWKS document)."""
+
+    def __init__(self, keys: KeySet) -> None:
+        self._by_kid = {key.kid: key for key in keys if key.kid}
+
+    async def get(self, kid: str) -> Key | None:
+        return self._by_kid.get(kid)
+
+
+class JWKSKeys:
+    """Keys from a JWKS endpoint, cached by ``kid``.
+
+    The document is fetched on first use, again after ``ttl_seconds``, and again when a token
+    names a ``kid`` we have not seen, but never more often than ``min_refresh_seconds`` (so a
+    flood of forged ``kid`` values cannot turn into a flood of fetches). A failed fetch keeps
+    the keys we had; with none yet, verification answers 503 (:class:`KeysUnavailable`). After
+    a failure the fetch is tried again at most once a second.
+    """
+
+    _RETRY_SECONDS = 1.0
+
+    def __init__(
+        self,
+        url: str,
+        client: httpx.AsyncClient,
+        *,
+        ttl_seconds: float = 300.0,
+        min_refresh_seconds: float = 10.0,
+    ) -> None:
+        self.url = url
+        self._client = client
+        self._ttl = ttl_seconds
+        self._min_refresh = min_refresh_seconds
+        self._keys: dict[str, Key] = {}
+        self._fetched_at: float | None = None
+        self._failed_at: float | None = None
+        self._lock = asyncio.Lock()
+
+    async def get(self, kid: str) -> Key | None:
+        if self._should_fetch(kid):
+            async with self._lock:
+                if self._should_fetch(kid):  # another task may have fetched meanwhile
+                    await self._refresh()
+        if self._fetched_at is None:
+            raise KeysUnavailable()
+        return self._keys.get(kid)
+
+    def _should_fetch(self, kid: str) -> bool:
+        now = time.monotonic()
+        if self._failed_at is not None and now - self._failed_at < self._RETRY_SECONDS:
+            return False
+        if self._fetched_at is None or now - self._fetched_at > self._ttl:
+            return True
+        return kid not in self._keys and now - self._fetched_at > self._min_refresh
+
+    async def _refresh(self) -> None:
+        try:
+            response = await self._client.get(self.url, timeout=5.0)
+            response.raise_for_status()
+            key_set = KeySet.import_key_set(response.json())
+        except (httpx.HTTPError, JoseError, ValueError) as exc:
+            logger.warning("JWKS fetch failed", extra={"url": self.url, "error": repr(exc)})
+            self._failed_at = time.monotonic()
+            if self._fetched_at is not None:
+                self._fetched_at = time.monotonic()  # keep the old keys; retry after the pause
+            return
+        self._keys = {key.kid: key for key in key_set if key.kid}
+        self._fetched_at = time.monotonic()
+        self._failed_at = None
+        logger.debug("JWKS fetched", extra={"url": self.url, "keys": len(self._keys)})
+
+
+class TokenVerifier:
+    """Verifies tokens, and remembers the ones it verified (up to ``cache_size``, each at most
+    ``cache_seconds`` and never past its ``exp``): a client sends the same token with every
+    request, and checking it again costs a signature verification each time. A remembered
+    token is accepted only while the key that verified it is still trusted. Tokens meant to
+    live longer than ``max_lifetime_seconds`` (``exp - iat``) are refused."""
+
+    def __init__(
+        self,
+        *,
+        keys: KeyProvider,
+        issuer: str,
+        audience: str,
+        algorithms: Collection[str] = (SIGNING_ALGORITHM,),
+        leeway_seconds: int = 0,
+        max_lifetime_seconds: int = 86_400,
+        cache_size: int = 10_000,
+        cache_seconds: float = 60.0,
+    ) -> None:
+        self._keys = keys
+        self._algorithms = list(algorithms)
+        self._cache: OrderedDict[str, _Verified] = OrderedDict()
+        self._cache_size = cache_size
+        self._cache_seconds = cache_seconds
+        self._max_lifetime = max_lifetime_seconds
+        self._claims = jwt.JWTClaimsRegistry(
+            leeway=leeway_seconds,
+            iss={"essential": True, "value": issuer},
+            aud={"essential": True, "value": audience},
+            exp={"essential": True},
+            iat={"essential": True},
+            sub={"essential": True},
+            jti={"essential": True},
+            tenant_id={"essential": True},
+        )
+
+    async def verify(self, token: str) -> Principal:
+        cached = self._cache.get(token)
+        if cached is not None:
+            # Still remembered, and its key still trusted (a key removed from the JWKS takes
+            # its tokens with it at the next refresh, cache or not).
+            if cached.until > time.monotonic() and await self._keys.get(cached.kid) is cached.key:
+                self._cache.move_to_end(token)
+                return cached.principal
+            del self._cache[token]
+        principal, kid, key = await self._verify(token)
+        remaining = principal.expires_at.timestamp() - time.time()
+        until = time.monotonic() + min(remaining, self._cache_seconds)
+        self._cache[token] = _Verified(principal, kid, key, until)
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return principal
+
+    async def _verify(self, token: str) -> tuple[Principal, str, Key]:
+        try:
+            header = jws.extract_compact(token.encode("ascii")).headers()
+        except (JoseError, ValueError, UnicodeError) as exc:
+            raise InvalidToken() from exc
+        kid = header.get("kid")
+        if header.get("alg") not in self._algorithms or not isinstance(kid, str):
+            raise InvalidToken()
+        key = await self._keys.get(kid)
+        if key is None:
+            raise InvalidToken()
+        try:
+            claims = jwt.decode(token, key, algorithms=self._algorithms).claims
+            self._claims.validate(claims)
+            principal = _principal(claims)
+        except (JoseError, ValueError, TypeError) as exc:
+            raise InvalidToken() from exc
+        if claims["exp"] - claims["iat"] > self._max_lifetime:
+            raise InvalidToken()  # longer-lived than any token the issuer signs
+        return principal, kid, key
+
+
+@dataclass(frozen=True, slots=True)
+class _Verified:
+    principal: Principal
+    kid: str
+    key: Key
+    until: float  # monotonic deadline of the cache entry
+
+
+def _principal(claims: dict[str, Any]) -> Principal:
+    tenant_id = claims["tenant_id"]
+    if not isinstance(tenant_id, str) or not _TENANT_ID.fullmatch(tenant_id):
+        raise ValueError("tenant_id claim is malformed")
+    exp = claims["exp"]
+    if not isinstance(exp, int | float) or not isinstance(claims["iat"], int | float):
+        raise ValueError("exp and iat must be numeric dates")
+    return Principal(
+        user_id=uuid.UUID(str(claims["sub"])),
+        tenant_id=tenant_id,
+        token_id=str(claims["jti"]),
+        expires_at=datetime.fromtimestamp(exp, UTC),
+    )

@@ -1,0 +1,150 @@
+"""What every HTTP service mounts: the body-size guard, the error handlers, /health, /ready,
+/metrics and tracing."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Literal
+
+from fastapi import APIRouter, FastAPI, HTTPException
+from fastapi.responses import JSONResponse
+from prometheus_client import CollectorRegistry
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from shared.errors import install_error_handlers
+from shared.logs import log_context
+from shared.metrics import HttpMetrics, HttpMetricsMiddleware, Refresher, metrics_router
+from shared.settings import CommonSettings
+from shared.telemetry import configure_tracing, instrument_app
+
+logger = logging.getLogger(__name__)
+
+ReadinessCheck = Callable[[], Awaitable[object]]
+
+
+class MaxBodySizeMiddleware:
+    """Refuse request bodies over ``max_bytes`` before the application buffers them.
+
+    A declared ``Content-Length`` is refused up front; a chunked body is counted as it arrives
+    and refused when it crosses the limit. The answer is a 422 naming ``body``, like any other
+    invalid payload.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _error(self) -> HTTPException:
+        return HTTPException(
+            status_code=422,
+            detail=[
+                {
+                    "loc": ["body"],
+                    "msg": f"Request body is larger than {self.max_bytes} bytes",
+                    "type": "body_too_large",
+                }
+            ],
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            error = self._error()
+            response = JSONResponse({"detail": error.detail}, status_code=error.status_code)
+            await response(scope, receive, send)
+            return
+
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    # Raised inside the endpoint's body read, so the app's handler renders it.
+                    raise self._error()
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+
+class RequestIdLogMiddleware:
+    """Every line logged while a request is served carries its X-Request-ID (set by the
+    gateway, or by any caller), so one request can be followed across services' logs."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = dict(scope["headers"]).get(b"x-request-id")
+        if request_id is None or len(request_id) > 128:
+            await self.app(scope, receive, send)
+            return
+        with log_context(request_id=request_id.decode("latin-1")):
+            await self.app(scope, receive, send)
+
+
+def health_router(checks: Callable[[], Mapping[str, ReadinessCheck]], timeout: float) -> APIRouter:
+    """``/health``: the process answers. ``/ready``: every dependency answers within ``timeout``.
+
+    ``checks`` is called per request, so it can read what the lifespan put on ``app.state``.
+    """
+    router = APIRouter(tags=["health"])
+
+    @router.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @router.get("/ready", responses={503: {"description": "A dependency is unreachable"}})
+    async def ready() -> JSONResponse:
+        named = checks()
+        results = await asyncio.gather(
+            *(_probe(name, check, timeout) for name, check in named.items())
+        )
+        status = dict(zip(named, results, strict=True))
+        ok = all(value == "ok" for value in status.values())
+        return JSONResponse(
+            {"status": "ready" if ok else "not ready", "checks": status},
+            status_code=200 if ok else 503,
+        )
+
+    return router
+
+
+async def _probe(name: str, check: ReadinessCheck, limit: float) -> str:
+    try:
+        async with asyncio.timeout(limit):
+            await check()
+    except Exception as exc:  # a readiness probe reports every failure, whatever it is
+        logger.warning("readiness check failed", extra={"check": name, "error": repr(exc)})
+        return "unreachable"
+    return "ok"
+
+
+def install_common(
+    app: FastAPI,
+    *,
+    settings: CommonSettings,
+    registry: CollectorRegistry,
+    refreshers: Sequence[Refresher] = (),
+    max_body_bytes: int | Literal["settings"] | None = "settings",
+) -> None:
+    """Error handlers, the body-size guard (off with ``max_body_bytes=None``), RED metrics on
+    /metrics, the request id in the logs, and tracing."""
+    install_error_handlers(app)
+    limit = settings.max_request_body_bytes if max_body_bytes == "settings" else max_body_bytes
+    if limit is not None:
+        app.add_middleware(MaxBodySizeMiddleware, max_bytes=limit)
+    app.add_middleware(RequestIdLogMiddleware)
+    app.add_middleware(HttpMetricsMiddleware, metrics=HttpMetrics(registry))
+    instrument_app(app, configure_tracing(settings.service_name))
+    app.include_router(metrics_router(registry, refreshers))

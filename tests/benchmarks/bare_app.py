@@ -1,0 +1,94 @@
+"""The limit POST/GET /campaigns are measured against: a bare FastAPI app doing the same inserts
+(campaign row + outbox row, one transaction) and the same page query, with asyncpg directly:
+no token, no tracing, no metrics, no ORM.
+
+    uvicorn tests.benchmarks.bare_app:app --port 8101
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+from fastapi import FastAPI, Request
+from pydantic import BaseModel
+
+TENANT = "bench"
+
+
+class CampaignIn(BaseModel):
+    name: str
+    description: str | None = None
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    app.state.pool = await asyncpg.create_pool(
+        os.environ["DATABASE_URL"].replace("+asyncpg", ""), min_size=5, max_size=15
+    )
+    yield
+    await app.state.pool.close()
+
+
+app = FastAPI(lifespan=lifespan)
+
+
+@app.post("/campaigns", status_code=201)
+async def create(data: CampaignIn, request: Request) -> dict[str, Any]:
+    campaign_id, event_id = uuid.uuid4(), uuid.uuid4()
+    now = datetime.now(UTC)
+    event = {
+        "event_id": str(event_id),
+        "event_type": "campaign.created",
+        "schema_version": 1,
+        "occurred_at": now.isoformat(),
+        "tenant_id": TENANT,
+        "campaign_id": str(campaign_id),
+        "name": data.name,
+        "description": data.description,
+    }
+    async with request.app.state.pool.acquire() as connection, connection.transaction():
+        await connection.execute(
+            "INSERT INTO campaigns (id, tenant_id, name, description, created_at) "
+            "VALUES ($1, $2, $3, $4, $5)",
+            campaign_id,
+            TENANT,
+            data.name,
+            data.description,
+            now,
+        )
+        await connection.execute(
+            "INSERT INTO outbox (id, tenant_id, exchange, routing_key, payload, headers) "
+            "VALUES ($1, $2, 'bare', 'bare', $3, '{}')",
+            event_id,
+            TENANT,
+            json.dumps(event),
+        )
+    return {
+        "id": str(campaign_id),
+        "tenant_id": TENANT,
+        "name": data.name,
+        "description": data.description,
+        "created_at": now.isoformat(),
+    }
+
+
+@app.get("/campaigns")
+async def page(request: Request) -> dict[str, Any]:
+    rows = await request.app.state.pool.fetch(
+        "SELECT id, tenant_id, name, description, created_at FROM campaigns "
+        "WHERE tenant_id = $1 ORDER BY created_at DESC, id DESC LIMIT 20",
+        TENANT,
+    )
+    return {"items": [dict(row) for row in rows], "next_cursor": None}
+
+
+@app.get("/health")
+async def health() -> dict[str, str]:
+    return {"status": "ok"}

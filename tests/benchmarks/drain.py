@@ -1,0 +1,120 @@
+"""Worker drain rate: N events already queued, zero simulated work; events per second until N
+success rows exist, for the worker and for the bare loops it is measured against."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tests.benchmarks.harness import (
+    Bench,
+    Process,
+    declare_topology,
+    free_port,
+    processing_window,
+    purge_worker_queue,
+    python,
+    queue_events,
+    seed_campaigns,
+    truncate_logs,
+    wait_for_rows,
+    wait_http,
+)
+
+
+async def _drain(
+    bench: Bench,
+    name: str,
+    args: list[str],
+    env: dict[str, str],
+    events: int,
+    ready_url: str | None,
+) -> dict[str, Any]:
+    await truncate_logs(bench)
+    await purge_worker_queue(bench)
+    campaigns = await seed_campaigns(bench, events)
+    await queue_events(bench, campaigns)
+    process = Process(name, args, env, bench.logs)
+    await process.start()
+    try:
+        if ready_url:
+            await wait_http(ready_url)
+        await wait_for_rows(bench, events, timeout=max(120, events / 100))
+        seconds = await processing_window(bench)
+        rss = process.rss_mib()
+    finally:
+        await process.stop()
+    return {
+        "events": events,
+        "seconds": seconds,
+        "events_per_second": events / seconds,
+        "rss_mib": rss,
+    }
+
+
+async def worker_drain(bench: Bench, events: int, **env: str) -> dict[str, Any]:
+    port = free_port()
+    return await _drain(
+        bench,
+        "worker",
+        python("-m", "worker"),
+        bench.env(WORKER_METRICS_PORT=str(port), **env),
+        events,
+        None,
+    )
+
+
+async def baseline_drain(bench: Bench, mode: str, events: int) -> dict[str, Any]:
+    return await _drain(
+        bench,
+        f"baseline-{mode}",
+        python("-m", "tests.benchmarks.baseline_consumer", "--mode", mode, "--count", str(events)),
+        bench.env(),
+        events,
+        None,
+    )
+
+
+async def run(bench: Bench, events: int) -> dict[str, Any]:
+    await declare_topology(bench)
+    batched = await baseline_drain(bench, "batched", events)
+    naive = await baseline_drain(bench, "naive", events)
+    worker = await worker_drain(bench, events)
+    rows = [
+        {"consumer": "bare aio-pika, batched insert + ack multiple", **_row(batched, batched)},
+        {"consumer": "bare aio-pika, one insert + one ack each", **_row(naive, batched)},
+        {"consumer": "worker (tracing 100%, metrics, logs)", **_row(worker, batched)},
+    ]
+    return {
+        "batched": batched,
+        "naive": naive,
+        "worker": worker,
+        "worker_vs_batched": worker["events_per_second"] / batched["events_per_second"],
+        "target": 0.6,
+        "table": rows,
+    }
+
+
+async def tracing_cost(bench: Bench, events: int) -> dict[str, Any]:
+    await declare_topology(bench)
+    off = await worker_drain(bench, events, OTEL_SDK_DISABLED="true")
+    on = await worker_drain(bench, events)
+    rows = [
+        {"tracing": "off (OTEL_SDK_DISABLED)", **_row(off, off)},
+        {"tracing": "on, 100% sampled, exported", **_row(on, off)},
+    ]
+    return {
+        "off": off,
+        "on": on,
+        "on_vs_off": on["events_per_second"] / off["events_per_second"],
+        "table": rows,
+    }
+
+
+def _row(result: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "events": result["events"],
+        "seconds": round(result["seconds"], 2),
+        "events/s": round(result["events_per_second"]),
+        "ratio": round(result["events_per_second"] / reference["events_per_second"], 2),
+        "RSS MiB": None if result["rss_mib"] is None else round(result["rss_mib"], 1),
+    }

@@ -1,0 +1,221 @@
+"""HTTP throughput and latency with wrk, each against its limit in the same run:
+- POST /campaigns and GET /campaigns vs a bare FastAPI app doing the same inserts and query;
+- the same requests through the gateway vs straight to the service (the gateway's overhead);
+- POST /login at full load while /health is timed alongside (is the event loop ever blocked?).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+
+from tests.benchmarks.harness import (
+    Bench,
+    Process,
+    free_port,
+    python,
+    uvicorn_args,
+    wait_http,
+)
+from tests.support.users import PASSWORD, new_private_key_pem
+
+LUA = Path(__file__).parent / "lua"
+SECONDS = int(os.environ.get("BENCH_HTTP_SECONDS", "10"))
+CONNECTIONS = int(os.environ.get("BENCH_HTTP_CONNECTIONS", "32"))
+
+
+def parse_wrk(output: str) -> dict[str, Any]:
+    def ms(text: str) -> float:
+        number, unit = re.match(r"([\d.]+)(us|ms|s)", text).groups()  # type: ignore[union-attr]
+        return float(number) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+    result: dict[str, Any] = {
+        "requests_per_second": float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
+    }
+    for percentile in ("50", "90", "99"):
+        match = re.search(rf"^\s+{percentile}%\s+(\S+)", output, re.M)
+        result[f"p{percentile}_ms"] = ms(match.group(1)) if match else None
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    result["non_2xx"] = int(errors.group(1)) if errors else 0
+    socket_errors = re.search(r"Socket errors: (.+)", output)
+    result["socket_errors"] = socket_errors.group(1) if socket_errors else ""
+    return result
+
+
+async def wrk(
+    url: str,
+    script: str | None,
+    *,
+    connections: int = CONNECTIONS,
+    seconds: int = SECONDS,
+    token: str = "",
+) -> dict[str, Any]:
+    wrk_path = shutil.which("wrk")
+    assert wrk_path, "wrk is missing: scripts/benchmark installs Debian's wrk"
+    args = [wrk_path, "-t1", f"-c{connections}", f"-d{seconds}s", "--latency"]
+    if script:
+        args += ["-s", str(LUA / script)]
+    process = await asyncio.create_subprocess_exec(
+        *args,
+        url,
+        env={**os.environ, "TOKEN": token},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await process.communicate()
+    return parse_wrk(output.decode())
+
+
+async def token_for(user_url: str) -> str:
+    credentials = {"tenant_id": "bench", "email": "bench@example.com", "password": PASSWORD}
+    async with httpx.AsyncClient(base_url=user_url) as client:
+        await client.post("/register", json=credentials)
+        response = await client.post("/login", json=credentials)
+    response.raise_for_status()
+    token: str = response.json()["access_token"]
+    return token
+
+
+async def clear_outbox(bench: Bench) -> None:
+    connection = await asyncpg.connect(bench.dsn)
+    try:
+        await connection.execute("DELETE FROM outbox")
+    finally:
+        await connection.close()
+
+
+async def run(bench: Bench) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+
+    # The limit: the bare app alone.
+    bare_port = free_port()
+    bare = Process(
+        "bare", uvicorn_args("tests.benchmarks.bare_app:app", bare_port), bench.env(), bench.logs
+    )
+    await bare.start()
+    await wait_http(f"http://127.0.0.1:{bare_port}/health")
+    bare_url = f"http://127.0.0.1:{bare_port}/campaigns"
+    results["bare_post"] = await wrk(bare_url, "post_campaign.lua")
+    results["bare_get"] = await wrk(bare_url, "get_campaigns.lua")
+    await bare.stop()
+    await clear_outbox(bench)
+
+    # The platform's services, as their containers run them.
+    ports = {name: free_port() for name in ("user", "campaigns", "gateway")}
+    user_url = f"http://127.0.0.1:{ports['user']}"
+    campaigns_url = f"http://127.0.0.1:{ports['campaigns']}"
+    routes = (
+        f'[{{"name": "user_service", "prefix": "/api/users", "upstream": "{user_url}"}},'
+        f' {{"name": "campaign_service", "prefix": "/api/campaigns",'
+        f' "upstream": "{campaigns_url}/campaigns"}}]'
+    )
+    services = [
+        Process(
+            "user_service",
+            python("-m", "uvicorn", "user_service.main:app", "--port", str(ports["user"])),
+            bench.env(JWT_PRIVATE_KEY=new_private_key_pem()),
+            bench.logs,
+        ),
+        Process(
+            "campaign_service",
+            python("-m", "uvicorn", "campaign_service.main:app", "--port", str(ports["campaigns"])),
+            bench.env(JWT_JWKS_URL=f"{user_url}/.well-known/jwks.json"),
+            bench.logs,
+        ),
+        Process(
+            "gateway",
+            python(
+                "-m",
+                "uvicorn",
+                "gateway.main:app",
+                "--port",
+                str(ports["gateway"]),
+                "--no-proxy-headers",
+            ),
+            bench.env(GATEWAY_ROUTES=routes),
+            bench.logs,
+        ),
+    ]
+    for service in services:
+        await service.start()
+    try:
+        await wait_http(f"{user_url}/health")
+        await wait_http(f"{campaigns_url}/ready")
+        await wait_http(f"http://127.0.0.1:{ports['gateway']}/health")
+        token = await token_for(user_url)
+        gateway_url = f"http://127.0.0.1:{ports['gateway']}/api/campaigns"
+
+        results["service_post"] = await wrk(
+            f"{campaigns_url}/campaigns", "post_campaign.lua", token=token
+        )
+        results["service_get"] = await wrk(
+            f"{campaigns_url}/campaigns", "get_campaigns.lua", token=token
+        )
+        results["gateway_get"] = await wrk(gateway_url, "get_campaigns.lua", token=token)
+        results["gateway_post"] = await wrk(gateway_url, "post_campaign.lua", token=token)
+        # The gateway's own cost per request, without queueing: one connection, same request.
+        results["service_get_1"] = await wrk(
+            f"{campaigns_url}/campaigns", "get_campaigns.lua", connections=1, token=token
+        )
+        results["gateway_get_1"] = await wrk(
+            gateway_url, "get_campaigns.lua", connections=1, token=token
+        )
+
+        # A login storm, with /health timed on one more connection at the same time.
+        storm, health = await asyncio.gather(
+            wrk(f"{user_url}/login", "login.lua", connections=16),
+            wrk(f"{user_url}/health", None, connections=1),
+        )
+        results["login_storm"] = storm
+        results["health_during_storm"] = health
+        results["rss_mib"] = {service.name: service.rss_mib() for service in services}
+    finally:
+        for service in services:
+            await service.stop()
+
+    def row(name: str, key: str, reference: str | None = None) -> dict[str, Any]:
+        result = results[key]
+        ratio = (
+            result["requests_per_second"] / results[reference]["requests_per_second"]
+            if reference
+            else None
+        )
+        return {
+            "measurement": name,
+            "req/s": round(result["requests_per_second"]),
+            "p50 ms": result["p50_ms"],
+            "p99 ms": result["p99_ms"],
+            "non-2xx": result["non_2xx"],
+            "vs limit": round(ratio, 2) if ratio is not None else "",
+        }
+
+    results["post_vs_bare"] = (
+        results["service_post"]["requests_per_second"] / results["bare_post"]["requests_per_second"]
+    )
+    results["get_vs_bare"] = (
+        results["service_get"]["requests_per_second"] / results["bare_get"]["requests_per_second"]
+    )
+    # The gateway's own cost per request, without queueing (one connection, same request).
+    results["gateway_overhead_p50_ms"] = (
+        results["gateway_get_1"]["p50_ms"] - results["service_get_1"]["p50_ms"]
+    )
+    results["table"] = [
+        row("bare FastAPI: POST (same inserts)", "bare_post"),
+        row("campaign_service: POST /campaigns", "service_post", "bare_post"),
+        row("bare FastAPI: GET (same query)", "bare_get"),
+        row("campaign_service: GET /campaigns", "service_get", "bare_get"),
+        row("gateway -> campaign_service: GET", "gateway_get", "service_get"),
+        row("gateway -> campaign_service: POST", "gateway_post", "service_post"),
+        row("campaign_service: GET, 1 connection", "service_get_1"),
+        row("gateway -> campaign_service: GET, 1 connection", "gateway_get_1", "service_get_1"),
+        row("POST /login (16 connections)", "login_storm"),
+        row("GET /health during the login storm", "health_during_storm"),
+    ]
+    return results

@@ -1,0 +1,233 @@
+"""End-to-end latency: campaigns created at fixed offered rates through the HTTP API, timed from
+the moment each POST was due to the worker's success row (its processed_at).
+
+Open loop: requests are due on a fixed schedule whatever the answers do, and a request that
+waits for a free connection counts its wait (no coordinated omission). The load generator is a
+small HTTP/1.1 client on raw keep-alive connections: a general-purpose client spends more CPU
+per request than the service under test, and on a shared machine that would be measured too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+import asyncpg
+
+from tests.benchmarks.harness import Bench, Process, free_port, python, wait_http
+from tests.benchmarks.http import token_for
+from tests.support.users import new_private_key_pem
+
+CONNECTIONS = 64
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+@dataclass
+class Offered:
+    """What one rate produced: when each created campaign was due, and what went wrong."""
+
+    due: dict[uuid.UUID, float] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+    unsent: int = 0
+
+
+class RawClient:
+    """POSTs JSON over one keep-alive HTTP/1.1 connection; reconnects when the server closes."""
+
+    def __init__(self, url: str, token: str) -> None:
+        parts = urlsplit(url)
+        self._host = parts.hostname or "127.0.0.1"
+        self._port = parts.port or 80
+        self._token = token
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def post(self, path: str, body: dict[str, Any]) -> tuple[int, bytes]:
+        if self._writer is None or self._writer.is_closing():
+            self._reader, self._writer = await asyncio.open_connection(self._host, self._port)
+        assert self._reader is not None
+        payload = json.dumps(body).encode()
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {self._host}:{self._port}\r\n"
+            f"Authorization: Bearer {self._token}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\n\r\n"
+        ).encode()
+        self._writer.write(head + payload)
+        try:
+            raw_head = await self._reader.readuntil(b"\r\n\r\n")
+            lines = raw_head.decode("latin-1").split("\r\n")
+            status = int(lines[0].split(" ", 2)[1])
+            headers: dict[str, str] = {}
+            for line in lines[1:]:
+                name, _, value = line.partition(":")
+                headers[name.strip().lower()] = value.strip()
+            answer = await self._reader.readexactly(int(headers.get("content-length", "0")))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            await self.close()
+            raise
+        if headers.get("connection", "").lower() == "close":
+            await self.close()
+        return status, answer
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+async def offer(url: str, token: str, rate: int, seconds: int) -> Offered:
+    """Make ``rate * seconds`` POST /campaigns due at ``rate`` per second, on CONNECTIONS
+    connections; stop waiting for stragglers ``seconds + 30`` seconds after the last one was
+    due (those count as unsent)."""
+    result = Offered()
+    due_times: asyncio.Queue[tuple[int, float]] = asyncio.Queue()
+
+    async def connection() -> None:
+        client = RawClient(url, token)
+        try:
+            while True:
+                n, due = await due_times.get()
+                try:
+                    status, answer = await client.post("/campaigns", {"name": f"latency {n}"})
+                except (OSError, asyncio.IncompleteReadError) as exc:
+                    result.failures.append(repr(exc))
+                    continue
+                finally:
+                    due_times.task_done()
+                if status != 201:
+                    result.failures.append(str(status))
+                    continue
+                result.due[uuid.UUID(json.loads(answer)["id"])] = due
+        finally:
+            await client.close()
+
+    workers = [asyncio.create_task(connection()) for _ in range(CONNECTIONS)]
+    begin_wall, begin = time.time(), time.monotonic()
+    for n in range(rate * seconds):
+        delay = begin + n / rate - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        due_times.put_nowait((n, begin_wall + n / rate))
+    try:
+        await asyncio.wait_for(due_times.join(), timeout=seconds + 30)
+    except TimeoutError:
+        result.unsent = due_times.qsize()
+    for worker in workers:
+        worker.cancel()
+    await asyncio.gather(*workers, return_exceptions=True)
+    return result
+
+
+async def run(bench: Bench, rates: list[int], seconds: int) -> dict[str, Any]:
+    ports = {name: free_port() for name in ("user", "campaigns", "worker")}
+    user_url = f"http://127.0.0.1:{ports['user']}"
+    campaigns_url = f"http://127.0.0.1:{ports['campaigns']}"
+    processes = [
+        Process(
+            "user_service-latency",
+            python("-m", "uvicorn", "user_service.main:app", "--port", str(ports["user"])),
+            bench.env(JWT_PRIVATE_KEY=new_private_key_pem()),
+            bench.logs,
+        ),
+        Process(
+            "campaign_service-latency",
+            python("-m", "uvicorn", "campaign_service.main:app", "--port", str(ports["campaigns"])),
+            bench.env(JWT_JWKS_URL=f"{user_url}/.well-known/jwks.json"),
+            bench.logs,
+        ),
+        Process(
+            "worker-latency",
+            python("-m", "worker"),
+            bench.env(WORKER_METRICS_PORT=str(ports["worker"])),
+            bench.logs,
+        ),
+    ]
+    for process in processes:
+        await process.start()
+    runs = []
+    try:
+        await wait_http(f"{user_url}/health")
+        await wait_http(f"{campaigns_url}/ready")
+        await wait_http(f"http://127.0.0.1:{ports['worker']}/ready")
+        token = await token_for(user_url)
+        for rate in rates:
+            offered = await offer(campaigns_url, token, rate, seconds)
+            processed = await _wait_processed(bench, set(offered.due), timeout=60)
+            runs.append(_summary(rate, seconds, offered, processed))
+    finally:
+        for process in processes:
+            await process.stop()
+    return {
+        "connections": CONNECTIONS,
+        "target_p99_ms": 100,
+        "runs": runs,
+        "table": [
+            {
+                "rate/s": run["offered_rate"],
+                "seconds": seconds,
+                "created": run["created"],
+                "failed": run["failed_requests"] + run["unsent"],
+                "lost": run["lost"],
+                "p50 ms": round(run["p50_ms"], 1),
+                "p95 ms": round(run["p95_ms"], 1),
+                "p99 ms": round(run["p99_ms"], 1),
+                "max ms": round(run["max_ms"], 1),
+            }
+            for run in runs
+        ],
+    }
+
+
+def _summary(
+    rate: int, seconds: int, offered: Offered, processed: dict[uuid.UUID, datetime]
+) -> dict[str, Any]:
+    latencies = [
+        (processed[campaign].timestamp() - due) * 1000
+        for campaign, due in offered.due.items()
+        if campaign in processed
+    ] or [float("nan")]
+    return {
+        "offered_rate": rate,
+        "seconds": seconds,
+        "created": len(offered.due),
+        "failed_requests": len(offered.failures),
+        "failure_samples": sorted(set(offered.failures))[:5],
+        "unsent": offered.unsent,
+        "lost": len(offered.due) - len(processed),
+        "p50_ms": percentile(latencies, 0.50),
+        "p95_ms": percentile(latencies, 0.95),
+        "p99_ms": percentile(latencies, 0.99),
+        "max_ms": max(latencies),
+        "mean_ms": statistics.mean(latencies),
+    }
+
+
+async def _wait_processed(
+    bench: Bench, campaigns: set[uuid.UUID], timeout: float
+) -> dict[uuid.UUID, datetime]:
+    deadline = time.monotonic() + timeout
+    connection = await asyncpg.connect(bench.dsn)
+    try:
+        while True:
+            rows = await connection.fetch(
+                "SELECT campaign_id, processed_at FROM campaign_job_logs "
+                "WHERE status = 'success' AND campaign_id = ANY($1::uuid[])",
+                list(campaigns),
+            )
+            processed = {row["campaign_id"]: row["processed_at"] for row in rows}
+            if len(processed) == len(campaigns) or time.monotonic() > deadline:
+                return processed
+            await asyncio.sleep(0.5)
+    finally:
+        await connection.close()

@@ -1,0 +1,79 @@
+"""The benchmark suite: ./scripts/benchmark [--only drain,latency,http,memory,tracing]
+
+Prints each measurement as a table and writes them all as JSON under benchmark-results/.
+Every figure that has a target is a ratio against a limit measured in the same run (a bare
+loop, a bare endpoint), so the noise of the machine cancels out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.benchmarks import drain, http, latency
+from tests.benchmarks.harness import bench_environment, write_results
+from tests.benchmarks.report import machine, table
+
+ALL = ("drain", "latency", "http", "tracing")
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--only", default=",".join(ALL), help="comma-separated: " + ",".join(ALL))
+    parser.add_argument("--events", type=int, default=20_000, help="events for the drain run")
+    parser.add_argument(
+        "--rates",
+        default="50,100,150,200",
+        help="comma-separated offered rates (POST /campaigns per second) for the latency runs",
+    )
+    parser.add_argument("--seconds", type=int, default=30, help="length of each latency run")
+    parser.add_argument("--results", type=Path, default=Path("benchmark-results"))
+    args = parser.parse_args()
+    wanted = set(args.only.split(","))
+    results: dict[str, Any] = {"machine": machine(), "python": platform.python_version()}
+    started = time.monotonic()
+    async with bench_environment(args.results) as bench:
+        if "drain" in wanted:
+            results["drain"] = await drain.run(bench, events=args.events)
+            print(table("Worker drain rate", results["drain"]["table"]))
+        if "latency" in wanted:
+            results["latency"] = await latency.run(
+                bench, rates=[int(rate) for rate in args.rates.split(",")], seconds=args.seconds
+            )
+            print(table("End-to-end latency", results["latency"]["table"]))
+        if "http" in wanted:
+            results["http"] = await http.run(bench)
+            print(table("HTTP", results["http"]["table"]))
+        if "tracing" in wanted:
+            results["tracing"] = await drain.tracing_cost(bench, events=min(args.events, 10_000))
+            print(table("Cost of tracing (worker drain)", results["tracing"]["table"]))
+    memory = _memory_rows(results)
+    if memory:
+        print(table("Memory (resident set size)", memory))
+    results["duration_seconds"] = round(time.monotonic() - started, 1)
+    path = write_results(args.results, results)
+    print(f"results written to {path}")
+
+
+def _memory_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    if "drain" in results:
+        worker = results["drain"]["worker"]
+        rows.append(
+            {
+                "process": "worker",
+                "when": f"after draining {worker['events']:,} events",
+                "RSS MiB": worker["rss_mib"],
+            }
+        )
+    for name, rss in results.get("http", {}).get("rss_mib", {}).items():
+        rows.append({"process": name, "when": "after the HTTP runs", "RSS MiB": rss})
+    return rows
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

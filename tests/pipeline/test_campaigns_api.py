@@ -1,0 +1,261 @@
+"""campaign_service's HTTP API: tokens, validation, tenant isolation, pagination, the outbox row."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from joserfc import jwt
+from joserfc.jwk import OKPKey
+
+from shared.models.campaigns import CAMPAIGN_DESCRIPTION_MAX_LENGTH, CAMPAIGN_NAME_MAX_LENGTH
+from tests.support.campaigns import create_campaign
+from tests.user_service.test_tokens import b64, unb64
+from user_service.settings import UserServiceSettings
+from user_service.tokens.keys import load_signing_keys
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+class TestAuthentication:
+    async def test_missing_token(self, campaign_client: httpx.AsyncClient) -> None:
+        for response in (
+            await campaign_client.get("/campaigns"),
+            await campaign_client.post("/campaigns", json={"name": "x"}),
+            await campaign_client.get("/campaigns", headers={"Authorization": "Basic YTpi"}),
+        ):
+            assert response.status_code == 401
+            assert response.headers["www-authenticate"] == "Bearer"
+            assert response.json() == {"detail": "Not authenticated"}
+
+    @pytest.mark.parametrize("kind", ["expired", "tampered", "foreign-key", "garbage", "audience"])
+    async def test_bad_tokens(
+        self,
+        campaign_client: httpx.AsyncClient,
+        headers: dict[str, str],
+        user_settings: UserServiceSettings,
+        kind: str,
+    ) -> None:
+        token = headers["Authorization"].removeprefix("Bearer ")
+        head, payload, signature = token.split(".")
+        claims = unb64(payload)
+        keys = load_signing_keys(user_settings)
+        if kind == "expired":
+            claims["exp"] = int(time.time()) - 1
+            token = jwt.encode(unb64(head), claims, keys.signing_key, algorithms=["Ed25519"])
+        elif kind == "audience":
+            claims["aud"] = "someone-else"
+            token = jwt.encode(unb64(head), claims, keys.signing_key, algorithms=["Ed25519"])
+        elif kind == "tampered":
+            claims["tenant_id"] = "another-tenant"
+            token = f"{head}.{b64(json.dumps(claims).encode())}.{signature}"
+        elif kind == "foreign-key":
+            foreign = OKPKey.generate_key("Ed25519")
+            token = jwt.encode(
+                {"alg": "Ed25519", "kid": foreign.thumbprint()},
+                claims,
+                foreign,
+                algorithms=["Ed25519"],
+            )
+        else:
+            token = "not.a.token"
+
+        response = await campaign_client.get("/campaigns", headers=bearer(token))
+
+        assert response.status_code == 401
+        assert response.headers["www-authenticate"] == 'Bearer error="invalid_token"'
+        assert response.json() == {"detail": "Invalid or expired token"}
+
+
+class TestCreateCampaign:
+    async def test_created(
+        self,
+        campaign_client: httpx.AsyncClient,
+        headers: dict[str, str],
+        tenant: str,
+        db: asyncpg.Connection,
+    ) -> None:
+        response = await campaign_client.post(
+            "/campaigns", json={"name": "  Spring sale ", "description": "10% off"}, headers=headers
+        )
+
+        assert response.status_code == 201, response.text
+        campaign = response.json()
+        assert set(campaign) == {"id", "tenant_id", "name", "description", "created_at"}
+        assert campaign["tenant_id"] == tenant
+        assert campaign["name"] == "Spring sale"
+        assert campaign["description"] == "10% off"
+        stored = await db.fetchrow(
+            "SELECT * FROM campaigns WHERE id = $1", uuid.UUID(campaign["id"])
+        )
+        assert stored is not None
+        assert stored["tenant_id"] == tenant
+
+    async def test_description_is_optional(
+        self, campaign_client: httpx.AsyncClient, headers: dict[str, str]
+    ) -> None:
+        campaign = await create_campaign(campaign_client, headers, "No description")
+
+        assert campaign["description"] is None
+
+    @pytest.mark.parametrize(
+        ("body", "field"),
+        [
+            ({"name": ""}, "name"),
+            ({"name": "   "}, "name"),
+            ({"name": "x" * (CAMPAIGN_NAME_MAX_LENGTH + 1)}, "name"),
+            (
+                {"name": "ok", "description": "x" * (CAMPAIGN_DESCRIPTION_MAX_LENGTH + 1)},
+                "description",
+            ),
+            ({"name": 42}, "name"),
+            ({"name": ["a"]}, "name"),
+            ({"name": "ok", "description": 7}, "description"),
+            ({"name": "ok", "tenant_id": "someone-else"}, "tenant_id"),
+            ({"name": "ok", "status": "done"}, "status"),
+            ({}, "name"),
+        ],
+    )
+    async def test_invalid_input_names_the_field(
+        self,
+        campaign_client: httpx.AsyncClient,
+        headers: dict[str, str],
+        body: dict[str, Any],
+        field: str,
+    ) -> None:
+        response = await campaign_client.post("/campaigns", json=body, headers=headers)
+
+        assert response.status_code == 422, response.text
+        assert ["body", field] in [error["loc"] for error in response.json()["detail"]]
+
+    async def test_longest_values_are_accepted(
+        self, campaign_client: httpx.AsyncClient, headers: dict[str, str]
+    ) -> None:
+        campaign = await create_campaign(
+            campaign_client,
+            headers,
+            "n" * CAMPAIGN_NAME_MAX_LENGTH,
+            description="d" * CAMPAIGN_DESCRIPTION_MAX_LENGTH,
+        )
+
+        assert len(campaign["name"]) == CAMPAIGN_NAME_MAX_LENGTH
+
+    async def test_non_json_body(
+        self, campaign_client: httpx.AsyncClient, headers: dict[str, str]
+    ) -> None:
+        response = await campaign_client.post(
+            "/campaigns",
+            content=b"name=x",
+            headers={**headers, "content-type": "application/json"},
+        )
+
+        assert response.status_code == 422
+
+
+class TestTenantIsolation:
+    async def test_each_tenant_sees_only_its_campaigns(
+        self,
+        campaign_client: httpx.AsyncClient,
+        headers: dict[str, str],
+        other_headers: dict[str, str],
+    ) -> None:
+        mine = await create_campaign(campaign_client, headers, "mine")
+        theirs = await create_campaign(campaign_client, other_headers, "theirs")
+
+        my_list = (await campaign_client.get("/campaigns", headers=headers)).json()
+        their_list = (await campaign_client.get("/campaigns", headers=other_headers)).json()
+
+        assert [item["id"] for item in my_list["items"]] == [mine["id"]]
+        assert [item["id"] for item in their_list["items"]] == [theirs["id"]]
+
+    @pytest.mark.parametrize("suffix", ["", "/jobs"])
+    async def test_another_tenants_campaign_is_not_found(
+        self,
+        campaign_client: httpx.AsyncClient,
+        headers: dict[str, str],
+        other_headers: dict[str, str],
+        suffix: str,
+    ) -> None:
+        theirs = await create_campaign(campaign_client, other_headers, "theirs")
+
+        response = await campaign_client.get(f"/campaigns/{theirs['id']}{suffix}", headers=headers)
+        unknown = await campaign_client.get(f"/campaigns/{uuid.uuid4()}{suffix}", headers=headers)
+        own = await campaign_client.get(f"/campaigns/{theirs['id']}{suffix}", headers=other_headers)
+
+        assert response.status_code == 404
+        assert response.json() == unknown.json() == {"detail": "Campaign not found"}
+        assert own.status_code == 200
+
+    async def test_malformed_id(
+        self, campaign_client: httpx.AsyncClient, headers: dict[str, str]
+    ) -> None:
+        response = await campaign_client.get("/campaigns/not-a-uuid", headers=headers)
+
+        assert response.status_code == 422
+        assert response.json()["detail"][0]["loc"] == ["path", "campaign_id"]
+
+
+class TestListCampaigns:
+    async def test_newest_first_in_pages(
+        self, campaign_client: httpx.AsyncClient, headers: dict[str, str]
+    ) -> None:
+        created = [await create_campaign(campaign_client, headers, f"c{i}") for i in range(5)]
+        newest_first = [campaign["id"] for campaign in reversed(created)]
+
+        seen: list[str] = []
+        cursor: str | None = None
+        pages = 0
+        while True:
+            params: dict[str, str | int] = {"limit": 2, **({"cursor": cursor} if cursor else {})}
+            page = (await campaign_client.get("/campaigns", params=params, headers=headers)).json()
+            seen += [item["id"] for item in page["items"]]
+            pages += 1
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+
+        assert seen == newest_first
+        assert pages == 3
+
+    async def test_empty_tenant(
+        self, campaign_client: httpx.AsyncClient, headers: dict[str, str]
+    ) -> None:
+        page = (await campaign_client.get("/campaigns", headers=headers)).json()
+
+        assert page == {"items": [], "next_cursor": None}
+
+    @pytest.mark.parametrize(
+        ("params", "field"),
+        [({"limit": 0}, "limit"), ({"limit": 101}, "limit"), ({"cursor": "%%%"}, "cursor")],
+    )
+    async def test_invalid_paging(
+        self,
+        campaign_client: httpx.AsyncClient,
+        headers: dict[str, str],
+        params: dict[str, Any],
+        field: str,
+    ) -> None:
+        response = await campaign_client.get("/campaigns", params=params, headers=headers)
+
+        assert response.status_code == 422
+        assert response.json()["detail"][0]["loc"] == ["query", field]
+
+
+class TestServiceEndpoints:
+    async def test_ready_health_docs(self, campaign_client: httpx.AsyncClient) -> None:
+        ready = await campaign_client.get("/ready")
+        schema = (await campaign_client.get("/openapi.json")).json()
+
+        assert ready.json() == {"status": "ready", "checks": {"database": "ok", "broker": "ok"}}
+        assert (await campaign_client.get("/health")).status_code == 200
+        assert (await campaign_client.get("/docs")).status_code == 200
+        assert {"/campaigns", "/campaigns/{campaign_id}", "/campaigns/{campaign_id}/jobs"} <= set(
+            schema["paths"]
+        )

@@ -1,0 +1,221 @@
+"""The outbox: a campaign whose POST returned 201 is published, whatever the broker does."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+import aio_pika
+import asyncpg
+import httpx
+import pytest
+from fastapi import FastAPI
+from sqlalchemy import update
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from campaign_service.app import create_app as create_campaign_app
+from campaign_service.outbox.repository import OutboxRepository
+from shared.db import create_sessionmaker
+from shared.events import CampaignCreated
+from shared.models import OutboxMessage
+from tests.pipeline.conftest import (
+    CAMPAIGN_SERVICE_URL,
+    make_campaign_settings,
+    make_worker_settings,
+    wait_ready,
+)
+from tests.support.campaigns import create_campaign, login_headers, steps, wait_for_jobs
+from tests.support.metrics import value
+from tests.support.polling import eventually
+from tests.support.rabbit import PrivateRabbitNode
+from worker.app import create_app as create_worker_app
+
+
+async def outbox_rows(db: asyncpg.Connection, tenant: str) -> list[asyncpg.Record]:
+    rows: list[asyncpg.Record] = await db.fetch("SELECT * FROM outbox WHERE tenant_id = $1", tenant)
+    return rows
+
+
+async def take_all(amqp_url: str, queue_name: str) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    """Consume every message waiting in a queue (no worker is running in these tests)."""
+    messages = []
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(queue_name, passive=True)
+        while (message := await queue.get(fail=False, no_ack=True)) is not None:
+            messages.append(message)
+    return messages
+
+
+class TestPublishing:
+    async def test_the_event_is_published_as_designed(
+        self,
+        campaign_client: httpx.AsyncClient,
+        headers: dict[str, str],
+        amqp_url: str,
+        db: asyncpg.Connection,
+        tenant: str,
+    ) -> None:
+        campaign = await create_campaign(campaign_client, headers, "published")
+        await eventually(lambda: outbox_rows(db, tenant), until=lambda rows: not rows)
+
+        [message] = await take_all(amqp_url, "worker.campaign.created")
+
+        body = json.loads(message.body)
+        assert body["campaign_id"] == campaign["id"]
+        assert set(body) >= {
+            "event_id",
+            "event_type",
+            "occurred_at",
+            "tenant_id",
+            "campaign_id",
+            "name",
+            "description",
+        }
+        assert message.message_id == body["event_id"]
+        assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+        assert message.content_type == "application/json"
+        assert message.routing_key == "campaign.created"
+        assert message.exchange == "campaigns"
+
+    async def test_campaign_and_outbox_row_commit_together(
+        self,
+        campaign_client: httpx.AsyncClient,
+        headers: dict[str, str],
+        db: asyncpg.Connection,
+        tenant: str,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        async def broken_add(*args: Any, **kwargs: Any) -> None:
+            raise RuntimeError("outbox insert failed")
+
+        monkeypatch.setattr(OutboxRepository, "add", broken_add)
+
+        with pytest.raises(RuntimeError):
+            await campaign_client.post("/campaigns", json={"name": "half"}, headers=headers)
+
+        count = await db.fetchval("SELECT count(*) FROM campaigns WHERE tenant_id = $1", tenant)
+        assert count == 0
+
+    async def test_a_refused_message_stays_and_does_not_block_others(
+        self,
+        campaign_client: httpx.AsyncClient,
+        campaign_app: FastAPI,
+        headers: dict[str, str],
+        db: asyncpg.Connection,
+        db_engine: AsyncEngine,
+        tenant: str,
+    ) -> None:
+        # An event no queue is bound for: with `mandatory` the broker hands it back.
+        orphan = CampaignCreated(tenant_id=tenant, campaign_id=uuid.uuid4(), name="orphan")
+        async with create_sessionmaker(db_engine)() as session, session.begin():
+            await OutboxRepository(session).add(orphan)
+            await session.execute(
+                update(OutboxMessage)
+                .where(OutboxMessage.id == orphan.event_id)
+                # Refused for a very long time already: the backoff must stay bounded.
+                .values(routing_key="campaign.nowhere", attempts=5000)
+            )
+        try:
+            campaign_app.state.relay.notify()
+            [row] = await eventually(
+                lambda: outbox_rows(db, tenant),
+                until=lambda rows: bool(rows) and rows[0]["attempts"] > 5000,
+                what="the refused row marked",
+            )
+            assert "NO_ROUTE" in row["last_error"] or "312" in row["last_error"]
+
+            campaign = await create_campaign(campaign_client, headers, "still flows")
+            await eventually(
+                lambda: outbox_rows(db, tenant),
+                until=lambda rows: [r["id"] for r in rows] == [orphan.event_id],
+                what="the new campaign published past the refused row",
+            )
+            assert campaign["name"] == "still flows"
+        finally:
+            await db.execute("DELETE FROM outbox WHERE id = $1", orphan.event_id)
+
+    async def test_replicas_share_the_outbox_and_publish_each_row_once(
+        self,
+        database_url: str,
+        amqp_url: str,
+        user_client: httpx.AsyncClient,
+        db_engine: AsyncEngine,
+        db: asyncpg.Connection,
+        tenant: str,
+    ) -> None:
+        events = [
+            CampaignCreated(tenant_id=tenant, campaign_id=uuid.uuid4(), name=f"e{i}")
+            for i in range(300)
+        ]
+        async with create_sessionmaker(db_engine)() as session, session.begin():
+            for event in events:
+                await OutboxRepository(session).add(event)
+        settings = make_campaign_settings(database_url, amqp_url, outbox_batch_size=20)
+        replicas = [create_campaign_app(settings, jwks_client=user_client) for _ in range(2)]
+
+        async with (
+            replicas[0].router.lifespan_context(replicas[0]),
+            replicas[1].router.lifespan_context(replicas[1]),
+        ):
+            await eventually(
+                lambda: outbox_rows(db, tenant), until=lambda rows: not rows, timeout=20
+            )
+            published = [
+                await value(replica, "outbox_published_messages_total") for replica in replicas
+            ]
+
+        messages = await take_all(amqp_url, "worker.campaign.created")
+        assert sorted(m.message_id or "" for m in messages) == sorted(
+            str(e.event_id) for e in events
+        )
+        assert sum(published) == len(events)
+        assert all(count > 0 for count in published), published
+
+
+class TestBrokerOutage:
+    async def test_campaign_created_while_rabbitmq_is_down_is_processed_when_it_returns(
+        self,
+        private_rabbit: PrivateRabbitNode,
+        database_url: str,
+        user_client: httpx.AsyncClient,
+        db: asyncpg.Connection,
+        tenant: str,
+    ) -> None:
+        campaigns = create_campaign_app(
+            make_campaign_settings(database_url, private_rabbit.url), jwks_client=user_client
+        )
+        worker = create_worker_app(make_worker_settings(database_url, private_rabbit.url))
+        headers = await login_headers(user_client, tenant)
+        async with (
+            campaigns.router.lifespan_context(campaigns),
+            worker.router.lifespan_context(worker),
+            httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=campaigns), base_url=CAMPAIGN_SERVICE_URL
+            ) as client,
+        ):
+            await wait_ready(campaigns)
+            await wait_ready(worker)
+
+            await private_rabbit.stop_app()
+            try:
+                campaign = await create_campaign(client, headers, "during the outage")
+                ready = await client.get("/ready")
+                stored = await db.fetchval(
+                    "SELECT count(*) FROM campaigns WHERE id = $1", uuid.UUID(campaign["id"])
+                )
+                pending = await outbox_rows(db, tenant)
+            finally:
+                await private_rabbit.start_app()
+
+            assert ready.status_code == 503
+            assert ready.json()["checks"]["broker"] == "unreachable"
+            assert stored == 1
+            assert [json.loads(row["payload"])["campaign_id"] for row in pending] == [
+                campaign["id"]
+            ]
+            jobs = await wait_for_jobs(client, headers, campaign["id"], timeout=40)
+            assert steps(jobs) == [("success", 1)]
+            assert await outbox_rows(db, tenant) == []

@@ -1,0 +1,292 @@
+"""The worker on the real broker and database: success, retries through the TTL ladder,
+dead-lettering, poison messages and duplicate deliveries."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from datetime import datetime
+from typing import Any
+
+import aio_pika
+import asyncpg
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from shared.events import CampaignCreated
+from shared.messaging import ATTEMPT_HEADER, ERROR_MESSAGE_HEADER, ERROR_TYPE_HEADER
+from tests.pipeline.conftest import TEST_MAX_ATTEMPTS, TEST_RETRY_DELAYS
+from tests.support.campaigns import create_campaign, jobs_of, steps, wait_for_jobs
+from tests.support.metrics import outcomes, value
+from tests.support.polling import eventually
+from tests.support.rabbit import RabbitAdmin
+
+pytestmark = pytest.mark.usefixtures("worker")
+
+
+async def dead_letters(rabbit_admin: RabbitAdmin, vhost: str, count: int = 1) -> list[Any]:
+    return await eventually(
+        lambda: rabbit_admin.peek(vhost, "campaign.deadletter"),
+        until=lambda messages: len(messages) >= count,
+        timeout=10,
+        what="dead-lettered message",
+    )
+
+
+async def publish_raw(amqp_url: str, body: bytes, **properties: Any) -> None:
+    """Publish as someone with the RabbitMQ UI or a script would: straight to the exchange."""
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.get_exchange("campaigns")
+        await exchange.publish(
+            aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, **properties),
+            routing_key="campaign.created",
+        )
+
+
+async def handled(worker: FastAPI, **expected: int) -> dict[str, float]:
+    """The worker's outcome counts once they reach ``expected`` (read from its /metrics)."""
+    return await eventually(
+        lambda: outcomes(worker),
+        until=lambda seen: all(seen.get(name, 0) >= count for name, count in expected.items()),
+        timeout=10,
+        what=f"worker outcomes {expected}",
+    )
+
+
+class TestSuccess:
+    async def test_one_success_row_within_a_second(
+        self, campaign_client: httpx.AsyncClient, headers: dict[str, str], tenant: str
+    ) -> None:
+        campaign = await create_campaign(
+            campaign_client, headers, "Spring sale", description="10% off"
+        )
+        created = time.monotonic()
+
+        jobs = await wait_for_jobs(campaign_client, headers, campaign["id"], timeout=1.0)
+
+        assert time.monotonic() - created < 1.0
+        assert steps(jobs) == [("success", 1)]
+        payload = jobs[0]["payload"]
+        event = CampaignCreated.model_validate(payload)
+        assert event.campaign_id == uuid.UUID(campaign["id"])
+        assert event.tenant_id == tenant
+        assert (event.name, event.description) == ("Spring sale", "10% off")
+        assert payload["event_type"] == "campaign.created"
+        assert payload["schema_version"] == 1
+        assert jobs[0]["event_id"] == payload["event_id"]
+        assert jobs[0]["last_error"] is None
+
+
+class TestRetries:
+    async def test_failing_twice_retries_after_each_ladder_delay(
+        self, campaign_client: httpx.AsyncClient, headers: dict[str, str]
+    ) -> None:
+        campaign = await create_campaign(campaign_client, headers, "Flaky [fail:2]")
+
+        jobs = await wait_for_jobs(campaign_client, headers, campaign["id"], timeout=10)
+
+        assert steps(jobs) == [("retry", 1), ("retry", 2), ("success", 3)]
+        assert "SimulatedFailure" in jobs[0]["last_error"]
+        processed = [datetime.fromisoformat(job["processed_at"]) for job in jobs]
+        first_wait = (processed[1] - processed[0]).total_seconds()
+        second_wait = (processed[2] - processed[1]).total_seconds()
+        assert first_wait >= TEST_RETRY_DELAYS[0]
+        assert second_wait >= TEST_RETRY_DELAYS[1]
+        assert len({job["event_id"] for job in jobs}) == 1
+
+    async def test_failing_always_ends_in_the_dead_letter_queue(
+        self,
+        campaign_client: httpx.AsyncClient,
+        headers: dict[str, str],
+        rabbit_admin: RabbitAdmin,
+        vhost: str,
+    ) -> None:
+        campaign = await create_campaign(campaign_client, headers, "Doomed [fail:always]")
+
+        jobs = await wait_for_jobs(
+            campaign_client, headers, campaign["id"], final="failed", timeout=10
+        )
+        [message] = await dead_letters(rabbit_admin, vhost)
+
+        assert steps(jobs) == [("retry", 1), ("retry", 2), ("failed", TEST_MAX_ATTEMPTS)]
+        event_id = jobs[0]["event_id"]
+        properties = message["properties"]
+        assert json.loads(message["payload"]) == jobs[0]["payload"]  # the original body
+        assert properties["message_id"] == event_id
+        assert properties["delivery_mode"] == 2
+        message_headers = properties["headers"]
+        assert message_headers[ATTEMPT_HEADER] == TEST_MAX_ATTEMPTS
+        assert message_headers[ERROR_TYPE_HEADER] == "SimulatedFailure"
+        assert f"attempt {TEST_MAX_ATTEMPTS}" in message_headers[ERROR_MESSAGE_HEADER]
+        [death] = message_headers["x-death"]
+        assert (death["queue"], death["reason"]) == ("worker.campaign.created", "rejected")
+
+
+class TestPoison:
+    async def test_malformed_message_goes_straight_to_the_dead_letter_queue(
+        self,
+        campaign_client: httpx.AsyncClient,
+        headers: dict[str, str],
+        amqp_url: str,
+        rabbit_admin: RabbitAdmin,
+        vhost: str,
+    ) -> None:
+        await publish_raw(amqp_url, b"{not json", message_id="by-hand-1")
+
+        [message] = await dead_letters(rabbit_admin, vhost)
+
+        assert message["payload"] == "{not json"
+        assert message["properties"]["message_id"] == "by-hand-1"
+        message_headers = message["properties"]["headers"]
+        assert message_headers[ATTEMPT_HEADER] == 1
+        assert message_headers[ERROR_TYPE_HEADER] == "PoisonMessage"
+        assert message_headers["x-death"][0]["reason"] == "rejected"
+        # The worker carries on with the next campaign.
+        campaign = await create_campaign(campaign_client, headers, "after the poison")
+        assert steps(await wait_for_jobs(campaign_client, headers, campaign["id"])) == [
+            ("success", 1)
+        ]
+
+    @pytest.mark.parametrize("content_type", ["application/json", "text/plain", None])
+    async def test_a_body_that_is_not_what_it_claims_is_dead_lettered(
+        self,
+        amqp_url: str,
+        rabbit_admin: RabbitAdmin,
+        vhost: str,
+        worker: FastAPI,
+        content_type: str | None,
+    ) -> None:
+        await publish_raw(amqp_url, b"\xff{not json", content_type=content_type)
+
+        [message] = await dead_letters(rabbit_admin, vhost)
+        seen = await handled(worker, poison=1)
+
+        assert message["properties"]["headers"][ERROR_TYPE_HEADER] == "PoisonMessage"
+        assert seen["poison"] == 1
+        assert await value(worker, "worker_messages_in_flight") == 0
+
+    @pytest.mark.parametrize(
+        "change",
+        [
+            {"event_id": "not-a-uuid"},
+            {"tenant_id": None},
+            {"schema_version": 99},
+            {"occurred_at": "yesterday"},
+        ],
+    )
+    async def test_invalid_event_is_poison(
+        self,
+        amqp_url: str,
+        rabbit_admin: RabbitAdmin,
+        vhost: str,
+        tenant: str,
+        change: dict[str, Any],
+    ) -> None:
+        event = CampaignCreated(tenant_id=tenant, campaign_id=uuid.uuid4(), name="x")
+        body = {**event.model_dump(mode="json"), **change}
+
+        await publish_raw(amqp_url, json.dumps(body).encode(), message_id=str(event.event_id))
+        [message] = await dead_letters(rabbit_admin, vhost)
+
+        assert message["properties"]["headers"][ERROR_TYPE_HEADER] == "PoisonMessage"
+
+    async def test_event_for_an_unknown_campaign_is_poison(
+        self,
+        amqp_url: str,
+        rabbit_admin: RabbitAdmin,
+        vhost: str,
+        tenant: str,
+        db: asyncpg.Connection,
+    ) -> None:
+        event = CampaignCreated(tenant_id=tenant, campaign_id=uuid.uuid4(), name="ghost")
+
+        await publish_raw(amqp_url, event.model_dump_json().encode())
+        [message] = await dead_letters(rabbit_admin, vhost)
+
+        assert "no such campaign" in message["properties"]["headers"][ERROR_MESSAGE_HEADER]
+        rows = await db.fetchval(
+            "SELECT count(*) FROM campaign_job_logs WHERE event_id = $1", event.event_id
+        )
+        assert rows == 0
+
+    async def test_event_naming_another_tenants_campaign_is_poison(
+        self,
+        campaign_client: httpx.AsyncClient,
+        headers: dict[str, str],
+        amqp_url: str,
+        rabbit_admin: RabbitAdmin,
+        vhost: str,
+        other_tenant: str,
+    ) -> None:
+        campaign = await create_campaign(campaign_client, headers, "mine")
+        await wait_for_jobs(campaign_client, headers, campaign["id"])
+        forged = CampaignCreated(
+            tenant_id=other_tenant, campaign_id=uuid.UUID(campaign["id"]), name="forged"
+        )
+
+        await publish_raw(amqp_url, forged.model_dump_json().encode())
+        await dead_letters(rabbit_admin, vhost)
+
+        assert steps(await jobs_of(campaign_client, headers, campaign["id"])) == [("success", 1)]
+
+
+class TestDuplicates:
+    async def test_the_same_event_three_times_gives_one_success(
+        self,
+        campaign_client: httpx.AsyncClient,
+        headers: dict[str, str],
+        amqp_url: str,
+        rabbit_admin: RabbitAdmin,
+        vhost: str,
+        worker: FastAPI,
+        db: asyncpg.Connection,
+    ) -> None:
+        campaign = await create_campaign(campaign_client, headers, "once")
+        [job] = await wait_for_jobs(campaign_client, headers, campaign["id"])
+        body = json.dumps(job["payload"]).encode()
+
+        for _ in range(2):
+            await publish_raw(amqp_url, body, message_id=job["event_id"])
+        seen = await handled(worker, duplicate=2)
+
+        assert steps(await jobs_of(campaign_client, headers, campaign["id"])) == [("success", 1)]
+        assert await rabbit_admin.peek(vhost, "campaign.deadletter") == []
+        successes = await db.fetchval(
+            "SELECT count(*) FROM campaign_job_logs WHERE event_id = $1 AND status = 'success'",
+            uuid.UUID(job["event_id"]),
+        )
+        assert successes == 1
+        assert (seen["success"], seen["duplicate"]) == (1, 2)
+
+    async def test_concurrent_duplicates_give_one_success(
+        self,
+        campaign_client: httpx.AsyncClient,
+        headers: dict[str, str],
+        amqp_url: str,
+        rabbit_admin: RabbitAdmin,
+        vhost: str,
+        worker: FastAPI,
+        tenant: str,
+        db: asyncpg.Connection,
+    ) -> None:
+        # The campaign exists but its event was never processed: ten copies arrive at once and
+        # race each other through the worker (prefetch 10), not one after another.
+        campaign = await create_campaign(campaign_client, headers, "racing")
+        [job] = await wait_for_jobs(campaign_client, headers, campaign["id"])
+        await db.execute(
+            "DELETE FROM campaign_job_logs WHERE event_id = $1", uuid.UUID(job["event_id"])
+        )
+        body = json.dumps(job["payload"]).encode()
+
+        for _ in range(10):
+            await publish_raw(amqp_url, body, message_id=job["event_id"])
+        seen = await handled(worker, success=2, duplicate=9)
+
+        assert steps(await jobs_of(campaign_client, headers, campaign["id"])) == [("success", 1)]
+        assert seen["success"] == 2  # the first delivery, and one of the ten copies
+        assert seen["duplicate"] == 9
+        assert await rabbit_admin.peek(vhost, "campaign.deadletter") == []

@@ -1,0 +1,263 @@
+"""Workers as their users run them (``python -m worker``), killed, stopped and multiplied; and a
+database that goes away while a message is in hand."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import aio_pika
+import asyncpg
+import httpx
+import pytest
+
+from tests.pipeline.conftest import TEST_RETRY_DELAYS, make_worker_settings, wait_ready
+from tests.support.campaigns import create_campaign, jobs_of, steps, wait_for_jobs
+from tests.support.metrics import outcomes, parse, value
+from tests.support.polling import eventually
+from tests.support.processes import ServiceProcess
+from tests.support.proxy import TcpProxy
+from tests.support.rabbit import RabbitAdmin
+from worker.app import create_app as create_worker_app
+
+WorkerFactory = Callable[..., ServiceProcess]
+
+
+@pytest.fixture
+async def start_worker(
+    database_url: str, amqp_url: str, tmp_path: Path
+) -> AsyncIterator[WorkerFactory]:
+    """Start ``python -m worker`` processes on this test's database and vhost."""
+    started: list[ServiceProcess] = []
+
+    def make(**env: str) -> ServiceProcess:
+        worker = ServiceProcess.worker(
+            {
+                "DATABASE_URL": database_url,
+                "RABBITMQ_URL": amqp_url,
+                "WORKER_RETRY_DELAYS_SECONDS": ",".join(map(str, TEST_RETRY_DELAYS)),
+                "WORKER_GRACEFUL_TIMEOUT_SECONDS": "10",
+                **env,
+            },
+            tmp_path / f"worker-{len(started)}.log",
+        )
+        started.append(worker)
+        return worker
+
+    yield make
+    for worker in started:
+        await worker.stop()
+
+
+async def in_flight(worker: ServiceProcess) -> float:
+    """Deliveries the worker process holds right now, from its /metrics."""
+    async with httpx.AsyncClient() as client:
+        response = await client.get(f"http://127.0.0.1:{worker.port}/metrics")
+    return parse(response.text).get(("worker_messages_in_flight", frozenset()), 0.0)
+
+
+async def consumers(amqp_url: str, queue_name: str) -> int:
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        queue = await (await connection.channel()).declare_queue(queue_name, passive=True)
+        return queue.declaration_result.consumer_count or 0
+
+
+class TestKilledWorker:
+    async def test_message_in_hand_is_redelivered_and_processed_once(
+        self,
+        start_worker: WorkerFactory,
+        campaign_client: httpx.AsyncClient,
+        headers: dict[str, str],
+        db: asyncpg.Connection,
+    ) -> None:
+        slow = start_worker(WORKER_SIMULATED_WORK_SECONDS="30")
+        await slow.start()
+        await slow.wait_ready()
+        campaign = await create_campaign(campaign_client, headers, "interrupted")
+        await eventually(
+            lambda: in_flight(slow), until=lambda n: n == 1, what="the worker holding it"
+        )
+
+        slow.signal(signal.SIGKILL)
+        await slow.wait()
+        rescuer = start_worker()
+        await rescuer.start()
+        jobs = await wait_for_jobs(campaign_client, headers, campaign["id"], timeout=20)
+
+        assert steps(jobs) == [("success", 1)]
+        [executed] = rescuer.logged("campaign executed")
+        assert executed["redelivered"] is True
+        assert executed["campaign_id"] == campaign["id"]
+        assert slow.logged("campaign executed") == []
+        count = await db.fetchval(
+            "SELECT count(*) FROM campaign_job_logs WHERE campaign_id = $1 AND status = 'success'",
+            uuid.UUID(campaign["id"]),
+        )
+        assert count == 1
+
+
+class TestStoppedWorker:
+    async def test_sigterm_finishes_the_message_in_hand_and_requeues_the_rest(
+        self,
+        start_worker: WorkerFactory,
+        campaign_client: httpx.AsyncClient,
+        headers: dict[str, str],
+    ) -> None:
+        # One at a time, two seconds each, five prefetched: SIGTERM arrives with one message
+        # being executed and four waiting in the worker's hands.
+        worker = start_worker(
+            WORKER_SIMULATED_WORK_SECONDS="2", WORKER_CONCURRENCY="1", WORKER_PREFETCH="5"
+        )
+        await worker.start()
+        await worker.wait_ready()
+        campaigns = [await create_campaign(campaign_client, headers, f"c{i}") for i in range(5)]
+        await eventually(
+            lambda: in_flight(worker), until=lambda n: n == 1, what="the first execution"
+        )
+
+        worker.signal(signal.SIGTERM)
+        code = await worker.wait(timeout=15)
+
+        # Graceful: it finished its work, then ended by the signal (status 143 to a supervisor).
+        assert worker.logged("stopped")
+        assert code == -signal.SIGTERM
+        executed = worker.logged("campaign executed")
+        assert len(executed) == 1  # the one in hand finished: row written, acked
+        # Nothing lost: another worker takes over the four the first one gave back.
+        successor = start_worker()
+        await successor.start()
+        for campaign in campaigns:
+            jobs = await wait_for_jobs(campaign_client, headers, campaign["id"], timeout=20)
+            assert steps(jobs) == [("success", 1)]
+
+
+class TestCompetingConsumers:
+    async def test_workers_share_the_queue(
+        self,
+        start_worker: WorkerFactory,
+        campaign_client: httpx.AsyncClient,
+        headers: dict[str, str],
+        amqp_url: str,
+    ) -> None:
+        workers = [
+            start_worker(WORKER_SIMULATED_WORK_SECONDS="0.2", WORKER_PREFETCH="2") for _ in range(2)
+        ]
+        for worker in workers:
+            await worker.start()
+        for worker in workers:
+            await worker.wait_ready()
+        attached = await consumers(amqp_url, "worker.campaign.created")
+
+        campaigns = [await create_campaign(campaign_client, headers, f"c{i}") for i in range(12)]
+        for campaign in campaigns:
+            await wait_for_jobs(campaign_client, headers, campaign["id"], timeout=20)
+
+        assert attached == 2
+        shares = [len(worker.logged("campaign executed")) for worker in workers]
+        assert sum(shares) == 12
+        assert all(share > 0 for share in shares), shares
+
+
+def through(proxy: TcpProxy, database_url: str) -> str:
+    parts = urlsplit(database_url)
+    netloc = f"{parts.username}@127.0.0.1:{proxy.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+@pytest.fixture
+async def db_proxy(database_url: str) -> AsyncIterator[TcpProxy]:
+    parts = urlsplit(database_url)
+    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
+    await proxy.start()
+    yield proxy
+    await proxy.close()
+
+
+class TestDatabaseOutage:
+    async def test_message_is_held_not_acked_not_dead_lettered_then_processed(
+        self,
+        db_proxy: TcpProxy,
+        database_url: str,
+        amqp_url: str,
+        campaign_client: httpx.AsyncClient,
+        headers: dict[str, str],
+        rabbit_admin: RabbitAdmin,
+        vhost: str,
+    ) -> None:
+        worker = create_worker_app(make_worker_settings(through(db_proxy, database_url), amqp_url))
+        async with worker.router.lifespan_context(worker):
+            await wait_ready(worker)
+            db_proxy.down()
+            campaign = await create_campaign(campaign_client, headers, "during the db outage")
+
+            await eventually(
+                lambda: value(worker, "worker_messages_in_flight"), until=lambda n: n == 1
+            )
+            await asyncio.sleep(1.0)  # the outage lasts; the worker keeps holding the message
+            during: dict[str, Any] = {
+                "jobs": await jobs_of(campaign_client, headers, campaign["id"]),
+                "dead": await rabbit_admin.peek(vhost, "campaign.deadletter"),
+                "outcomes": await outcomes(worker),
+                "in_flight": await value(worker, "worker_messages_in_flight"),
+            }
+            db_proxy.up()
+
+            jobs = await wait_for_jobs(campaign_client, headers, campaign["id"], timeout=15)
+
+        assert during["jobs"] == []
+        assert during["dead"] == []
+        assert during["in_flight"] == 1
+        assert sum(during["outcomes"].values()) == 0  # nothing settled while the db was away
+        assert steps(jobs) == [("success", 1)]  # no attempt was spent on the outage
+
+    async def test_a_stopping_worker_requeues_what_it_holds(
+        self,
+        db_proxy: TcpProxy,
+        database_url: str,
+        amqp_url: str,
+        campaign_client: httpx.AsyncClient,
+        headers: dict[str, str],
+        rabbit_admin: RabbitAdmin,
+        vhost: str,
+    ) -> None:
+        worker = create_worker_app(make_worker_settings(through(db_proxy, database_url), amqp_url))
+        async with worker.router.lifespan_context(worker):
+            await wait_ready(worker)
+            db_proxy.down()
+            campaign = await create_campaign(campaign_client, headers, "held at shutdown")
+            await eventually(
+                lambda: value(worker, "worker_messages_in_flight"), until=lambda n: n == 1
+            )
+        stopped_outcomes = await outcomes(worker)
+        db_proxy.up()
+
+        assert stopped_outcomes["requeued"] == 1
+        assert await rabbit_admin.peek(vhost, "campaign.deadletter") == []
+        messages = await rabbit_admin.peek(vhost, "worker.campaign.created")
+        assert [json.loads(m["payload"])["campaign_id"] for m in messages] == [campaign["id"]]
+
+
+class TestStoreLifecycle:
+    async def test_a_write_after_the_store_stopped_is_refused_not_lost(
+        self, db_engine: Any
+    ) -> None:
+        import uuid as uuid_module
+
+        from shared.events import CampaignCreated
+        from shared.models import JobStatus
+        from worker.store import JobLogStore, ShuttingDown
+
+        store = JobLogStore(db_engine, retry_max_seconds=0.1, stopping=asyncio.Event())
+        store.start()
+        await store.stop()
+        event = CampaignCreated(tenant_id="late", campaign_id=uuid_module.uuid4(), name="late")
+
+        with pytest.raises(ShuttingDown):
+            await asyncio.wait_for(store.record(event, status=JobStatus.SUCCESS, attempt=1), 5)

@@ -1,0 +1,160 @@
+"""RabbitMQ for tests: the management HTTP API (the view the UI shows), a vhost per use, and a
+private broker node a test may stop and start."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+MANAGEMENT_URL = os.environ.get("TEST_RABBITMQ_MANAGEMENT_URL", "http://127.0.0.1:15672")
+AMQP_BASE = os.environ.get("TEST_RABBITMQ_AMQP_BASE", "amqp://guest:guest@127.0.0.1:5672")
+CREDENTIALS = ("guest", "guest")
+
+
+class RabbitAdmin:
+    def __init__(self, base_url: str = MANAGEMENT_URL) -> None:
+        self.http = httpx.AsyncClient(base_url=f"{base_url}/api", auth=CREDENTIALS, timeout=10)
+
+    async def close(self) -> None:
+        await self.http.aclose()
+
+    async def create_vhost(self, name: str) -> None:
+        (await self.http.put(f"/vhosts/{quote(name, safe='')}")).raise_for_status()
+        permissions = {"configure": ".*", "write": ".*", "read": ".*"}
+        response = await self.http.put(
+            f"/permissions/{quote(name, safe='')}/guest", json=permissions
+        )
+        response.raise_for_status()
+
+    async def delete_vhost(self, name: str) -> None:
+        response = await self.http.delete(f"/vhosts/{quote(name, safe='')}")
+        if response.status_code != 404:
+            response.raise_for_status()
+
+    async def _get(self, path: str) -> Any:
+        response = await self.http.get(path)
+        response.raise_for_status()
+        return response.json()
+
+    async def queues(self, vhost: str) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = await self._get(f"/queues/{quote(vhost, safe='')}")
+        return result
+
+    async def queue(self, vhost: str, name: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self._get(
+            f"/queues/{quote(vhost, safe='')}/{quote(name, safe='')}"
+        )
+        return result
+
+    async def exchanges(self, vhost: str) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = await self._get(f"/exchanges/{quote(vhost, safe='')}")
+        return result
+
+    async def bindings(self, vhost: str) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = await self._get(f"/bindings/{quote(vhost, safe='')}")
+        return result
+
+    async def peek(self, vhost: str, queue: str, count: int = 100) -> list[dict[str, Any]]:
+        """Read messages without consuming them (they are requeued), as the UI's "Get"."""
+        response = await self.http.post(
+            f"/queues/{quote(vhost, safe='')}/{quote(queue, safe='')}/get",
+            json={"count": count, "ackmode": "ack_requeue_true", "encoding": "auto"},
+        )
+        response.raise_for_status()
+        result: list[dict[str, Any]] = response.json()
+        return result
+
+
+def vhost_url(vhost: str, base: str = AMQP_BASE) -> str:
+    return f"{base}/{quote(vhost, safe='')}"
+
+
+def new_vhost_name(prefix: str = "test") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+class PrivateRabbitNode:
+    """A second RabbitMQ node of this test run's own, which tests may stop and start.
+
+    It listens on ``port`` (AMQP only: no plugins) with its data in a temporary folder, and is
+    removed at the end.
+    """
+
+    def __init__(self, *, port: int, dist_port: int, extra_config: str = "") -> None:
+        self.port = port
+        self.name = f"rabbit-test-{uuid.uuid4().hex[:8]}@localhost"
+        self.url = f"amqp://guest:guest@127.0.0.1:{port}/"
+        self._dir = Path(tempfile.mkdtemp(prefix="rabbit-node-"))
+        for sub in ("mnesia", "log"):
+            (self._dir / sub).mkdir()
+        (self._dir / "enabled_plugins").write_text("[].\n")
+        (self._dir / "rabbitmq.conf").write_text(
+            f"{extra_config}\nlisteners.tcp.default = 127.0.0.1:{port}\nloopback_users = none\n"
+        )
+        shutil.chown(self._dir, "rabbitmq", "rabbitmq")
+        for path in self._dir.rglob("*"):
+            shutil.chown(path, "rabbitmq", "rabbitmq")
+        self._env = {
+            **os.environ,
+            "RABBITMQ_NODENAME": self.name,
+            "RABBITMQ_NODE_PORT": str(port),
+            "RABBITMQ_DIST_PORT": str(dist_port),
+            "RABBITMQ_MNESIA_BASE": str(self._dir / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self._dir / "log"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self._dir / "enabled_plugins"),
+            "RABBITMQ_CONFIG_FILE": str(self._dir / "rabbitmq"),
+        }
+
+    async def _run(self, *args: str, timeout: float = 120) -> None:
+        process = await asyncio.create_subprocess_exec(
+            *args,
+            env=self._env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        _, stderr = await asyncio.wait_for(process.communicate(), timeout)
+        if process.returncode != 0:
+            raise RuntimeError(f"{' '.join(args)} failed: {stderr.decode()[-2000:]}")
+
+    async def start(self) -> None:
+        await self._run("rabbitmq-server", "-detached")
+        await self._await_startup()
+
+    async def _await_startup(self, timeout: float = 120) -> None:
+        # The node registers with epmd a moment after -detached returns: ping until it answers.
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            try:
+                await self._run("rabbitmq-diagnostics", "-q", "-n", self.name, "ping")
+                break
+            except RuntimeError:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise
+                await asyncio.sleep(0.5)
+        await self._run("rabbitmqctl", "-n", self.name, "await_startup", "--timeout", "120")
+
+    async def stop(self) -> None:
+        await self._run("rabbitmqctl", "-n", self.name, "stop")
+
+    async def stop_app(self) -> None:
+        """Stop the broker but keep the node (faster to bring back than a full restart)."""
+        await self._run("rabbitmqctl", "-n", self.name, "stop_app")
+
+    async def start_app(self) -> None:
+        await self._run("rabbitmqctl", "-n", self.name, "start_app")
+        await self._await_startup()
+
+    async def remove(self) -> None:
+        try:
+            await self.stop()
+        finally:
+            shutil.rmtree(self._dir, ignore_errors=True)

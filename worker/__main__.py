@@ -1,0 +1,27 @@
+"""``python -m worker``: the worker, with /health, /ready and /metrics on WORKER_METRICS_PORT.
+
+SIGTERM or Ctrl-C: stop taking deliveries, finish or requeue the messages in hand, exit.
+"""
+
+from __future__ import annotations
+
+import uvicorn
+
+from worker.app import create_app
+from worker.settings import WorkerSettings
+
+
+def main() -> None:
+    settings = WorkerSettings()
+    uvicorn.run(
+        create_app(settings),
+        host=settings.worker_metrics_host,
+        port=settings.worker_metrics_port,
+        log_config=None,
+        access_log=False,
+        server_header=False,
+    )
+
+
+if __name__ == "__main__":
+    main()

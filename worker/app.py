@@ -1,0 +1,139 @@
+"""The worker process: consumes ``worker.campaign.created`` and serves /health, /ready and
+/metrics on the metrics port. Its lifespan owns the broker: connect (retrying until RabbitMQ
+answers), declare the topology, consume; on shutdown stop consuming, let the messages in hand
+finish (or requeue them), then close."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+
+from fastapi import FastAPI
+from faststream import AckPolicy
+from faststream.rabbit.message import RabbitMessage
+from prometheus_client import CollectorRegistry
+
+from shared.db import create_engine, ping
+from shared.logs import configure_logging
+from shared.messaging import (
+    CAMPAIGNS_EXCHANGE,
+    WORKER_QUEUE,
+    BrokerStartup,
+    create_broker,
+    declare_core,
+    declare_retry_ladder,
+    the_message_itself,
+)
+from shared.metrics import metrics_router
+from shared.telemetry import NO_NATIVE_TELEMETRY, RabbitTracing, configure_tracing
+from shared.web import ReadinessCheck, health_router
+from worker.metrics import WorkerMetrics
+from worker.processing import CampaignProcessor
+from worker.settings import WorkerSettings
+from worker.store import JobLogStore
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(settings: WorkerSettings | None = None) -> FastAPI:
+    settings = settings or WorkerSettings()
+    configure_logging(settings)
+    registry = CollectorRegistry()
+    metrics = WorkerMetrics(registry)
+    tracing = configure_tracing(settings.service_name)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with contextlib.AsyncExitStack() as cleanup:
+            # Callbacks run in reverse order, each even when an earlier one failed.
+            engine = create_engine(settings, application_name=settings.service_name)
+            cleanup.push_async_callback(engine.dispose)
+            stopping = asyncio.Event()
+            broker = create_broker(
+                settings.rabbitmq_url,
+                app_id=settings.service_name,
+                prefetch=settings.worker_prefetch,
+                graceful_timeout=settings.worker_graceful_timeout_seconds,
+                reconnect_seconds=settings.rabbitmq_reconnect_seconds,
+                middlewares=[RabbitTracing(tracing)],
+                apply_types=False,
+            )
+            store = JobLogStore(
+                engine,
+                retry_max_seconds=settings.worker_db_retry_max_seconds,
+                stopping=stopping,
+                max_batch=settings.worker_db_batch_max,
+                writers=settings.worker_db_writers,
+            )
+            store.start()
+            cleanup.push_async_callback(store.stop)  # after the broker: handlers need it
+            processor = CampaignProcessor(
+                broker=broker, store=store, settings=settings, metrics=metrics, stopping=stopping
+            )
+            subscriber = broker.subscriber(
+                WORKER_QUEUE,
+                CAMPAIGNS_EXCHANGE,
+                ack_policy=AckPolicy.MANUAL,
+                no_reply=True,
+                decoder=the_message_itself,
+            )
+
+            @subscriber
+            async def on_campaign_created(message: RabbitMessage) -> None:
+                await processor.handle(message)
+
+            async def set_up_broker() -> None:
+                await declare_core(broker)
+                await declare_retry_ladder(broker, settings.retry_delays_in_use)
+                await broker.start()
+                logger.info(
+                    "consuming",
+                    extra={
+                        "queue": WORKER_QUEUE.name,
+                        "prefetch": settings.worker_prefetch,
+                        "concurrency": settings.concurrency,
+                    },
+                )
+
+            async def stop_consuming() -> None:
+                logger.info("stopping: no new deliveries; finishing the ones in hand")
+                stopping.set()  # messages waiting for the database are requeued, not held
+                await broker.stop()  # waits for the handlers in hand
+                logger.info("stopped")
+
+            cleanup.push_async_callback(stop_consuming)
+            startup = BrokerStartup(broker, set_up_broker, what=settings.service_name)
+            startup.start()
+            cleanup.push_async_callback(startup.stop)
+
+            app.state.engine = engine
+            app.state.broker_startup = startup
+            app.state.subscriber = subscriber
+            yield
+
+    app = FastAPI(
+        title="worker",
+        version="0.1.0",
+        lifespan=lifespan,
+        docs_url=None,
+        telemetry=NO_NATIVE_TELEMETRY,
+    )
+
+    async def consuming() -> None:
+        if not app.state.subscriber.running:
+            raise ConnectionError("not consuming")
+
+    def readiness() -> dict[str, ReadinessCheck]:
+        return {
+            "database": partial(ping, app.state.engine),
+            "broker": app.state.broker_startup.ready,
+            "consumer": consuming,
+        }
+
+    app.include_router(health_router(readiness, timeout=settings.readiness_timeout_seconds))
+    app.include_router(metrics_router(registry))
+    return app
