@@ -67,8 +67,17 @@ WORKER_QUEUE = RabbitQueue(
         **{"x-dead-letter-exchange": DEAD_LETTER_EXCHANGE.name, "x-delivery-limit": DELIVERY_LIMIT}
     ),
 )
+# The dead-letter queue has no DLX of its own: past its delivery limit a message would be dropped.
+# RabbitMQ 4 gives every quorum queue a limit of 20 by default, so an operator who inspects
+# messages in the UI ("Nack, requeue") or a replay consumer that requeues could lose them. An
+# explicit, practically unreachable limit (RabbitMQ 3.x refuses -1, "no limit") keeps them.
+DEAD_LETTER_DELIVERY_LIMIT = 1_000_000
 DEAD_LETTER_QUEUE = RabbitQueue(
-    "campaign.deadletter", queue_type=QueueType.QUORUM, durable=True, routing_key=""
+    "campaign.deadletter",
+    queue_type=QueueType.QUORUM,
+    durable=True,
+    routing_key="",
+    arguments=cast(QuorumQueueArgs, {"x-delivery-limit": DEAD_LETTER_DELIVERY_LIMIT}),
 )
 
 # Headers the worker owns (never the broker's x-death: see retry_queue()).

@@ -11,7 +11,13 @@ import httpx
 from fastapi import FastAPI
 
 from campaign_service.app import create_app as create_campaign_app
-from shared.messaging import DELIVERY_LIMIT, create_broker, declare_core, declare_retry_ladder
+from shared.messaging import (
+    DEAD_LETTER_DELIVERY_LIMIT,
+    DELIVERY_LIMIT,
+    create_broker,
+    declare_core,
+    declare_retry_ladder,
+)
 from tests.pipeline.conftest import make_campaign_settings, make_worker_settings, wait_ready
 from tests.support.polling import eventually
 from tests.support.rabbit import RabbitAdmin
@@ -63,6 +69,10 @@ class TestTopology:
         assert queue["arguments"]["x-dead-letter-exchange"] == "campaign.deadletter"
         assert queue["arguments"]["x-dead-letter-strategy"] == "at-least-once"
         assert queue["arguments"]["x-delivery-limit"] == DELIVERY_LIMIT
+        # Dead letters survive being requeued (inspected in the UI, replayed) far past the
+        # default limit that RabbitMQ 4 would otherwise apply before dropping them.
+        dead_letters = next(q for q in topology["queues"] if q["name"] == "campaign.deadletter")
+        assert dead_letters["arguments"]["x-delivery-limit"] == DEAD_LETTER_DELIVERY_LIMIT
 
     async def test_declaring_again_is_idempotent(
         self, amqp_url: str, vhost: str, rabbit_admin: RabbitAdmin
