@@ -117,10 +117,10 @@ class CampaignProcessor:
         except Exception:
             # Unexpected (a bug, a publish that failed): give the message back, after a pause
             # so a persistent fault does not spin. The queue's delivery limit dead-letters a
-            # message that keeps failing this way.
+            # message that keeps failing this way: the give-back counts as a failed delivery.
             logger.exception("processing failed unexpectedly; requeueing")
             await asyncio.sleep(1.0)
-            await self._requeue(message, "unexpected error")
+            await self._requeue(message, "unexpected error", failed=True)
         return Outcome.REQUEUED
 
     async def _handle(self, message: RabbitMessage) -> Outcome:
@@ -269,9 +269,15 @@ class CampaignProcessor:
                 timeout=timeout,
             )
 
-    async def _requeue(self, message: RabbitMessage, reason: str) -> None:
+    async def _requeue(self, message: RabbitMessage, reason: str, *, failed: bool = False) -> None:
+        """Give a delivery back to the queue. RabbitMQ (4.3 and later) counts a ``reject``
+        against the quorum queue's delivery limit and a ``nack`` not: a message handed back by a
+        stopping worker keeps its deliveries, one that failed spends one."""
         try:
-            await message.nack(requeue=True)
+            if failed:
+                await message.reject(requeue=True)
+            else:
+                await message.nack(requeue=True)
         except Exception as exc:  # the channel is gone: the broker redelivers the message anyway
             logger.warning(
                 "could not requeue; the broker will redeliver",

@@ -261,3 +261,52 @@ class TestStoreLifecycle:
 
         with pytest.raises(ShuttingDown):
             await asyncio.wait_for(store.record(event, status=JobStatus.SUCCESS, attempt=1), 5)
+
+
+class TestUnexpectedError:
+    async def test_a_bug_gives_the_message_back_as_a_failed_delivery(
+        self,
+        monkeypatch: pytest.MonkeyPatch,
+        database_url: str,
+        amqp_url: str,
+        campaign_client: httpx.AsyncClient,
+        headers: dict[str, str],
+        rabbit_admin: RabbitAdmin,
+        vhost: str,
+    ) -> None:
+        from faststream.rabbit.message import RabbitMessage
+
+        from worker.store import JobLogStore
+
+        has_success = JobLogStore.has_success
+        calls = 0
+
+        async def broken_once(store: JobLogStore, event_id: uuid.UUID) -> bool:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise RuntimeError("a bug in the worker")
+            return await has_success(store, event_id)
+
+        rejected: list[bool] = []
+        reject = RabbitMessage.reject
+
+        async def spy_reject(message: RabbitMessage, requeue: bool = False) -> None:
+            rejected.append(requeue)
+            await reject(message, requeue=requeue)
+
+        monkeypatch.setattr(JobLogStore, "has_success", broken_once)
+        monkeypatch.setattr(RabbitMessage, "reject", spy_reject)
+        worker = create_worker_app(make_worker_settings(database_url, amqp_url))
+        async with worker.router.lifespan_context(worker):
+            await wait_ready(worker)
+            campaign = await create_campaign(campaign_client, headers, "hits a bug once")
+            jobs = await wait_for_jobs(campaign_client, headers, campaign["id"], timeout=15)
+            settled = await outcomes(worker)
+
+        assert steps(jobs) == [("success", 1)]  # no attempt spent on the bug
+        assert settled["requeued"] == 1
+        assert settled["success"] == 1
+        # basic.reject, which counts against the queue's delivery limit (basic.nack would not).
+        assert rejected == [True]
+        assert await rabbit_admin.peek(vhost, "campaign.deadletter") == []
