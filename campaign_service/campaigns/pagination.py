@@ -6,7 +6,7 @@ import base64
 import binascii
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 from fastapi.exceptions import RequestValidationError
 
@@ -25,13 +25,13 @@ class Cursor:
         try:
             raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)).decode()
             created_at, id_ = raw.split("|")
-            cursor = cls(created_at=datetime.fromisoformat(created_at), id=uuid.UUID(id_))
-        except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
+            moment = datetime.fromisoformat(created_at)
+            if moment.tzinfo is None:
+                raise ValueError("a cursor's time carries its offset")
+            # In UTC, as the database compares it: a crafted time at the edge of the calendar
+            # (9999-12-31T23:00-05:00) fails here, not in the query.
+            return cls(created_at=moment.astimezone(UTC), id=uuid.UUID(id_))
+        except (binascii.Error, UnicodeDecodeError, ValueError, OverflowError) as exc:
             raise RequestValidationError(
                 [{"loc": ("query", "cursor"), "msg": "Invalid cursor", "type": "value_error"}]
             ) from exc
-        if cursor.created_at.tzinfo is None:
-            raise RequestValidationError(
-                [{"loc": ("query", "cursor"), "msg": "Invalid cursor", "type": "value_error"}]
-            )
-        return cursor

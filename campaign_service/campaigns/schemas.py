@@ -10,12 +10,17 @@ from shared.models.campaigns import CAMPAIGN_DESCRIPTION_MAX_LENGTH, CAMPAIGN_NA
 
 PAGE_SIZE_MAX = 100
 
+# PostgreSQL text cannot hold a NUL character: refuse it as invalid input, not a failed insert.
+NO_NUL = r"^[^\x00]*$"
+
 CampaignName = Annotated[
     StrictStr,
-    StringConstraints(strip_whitespace=True, min_length=1, max_length=CAMPAIGN_NAME_MAX_LENGTH),
+    StringConstraints(
+        strip_whitespace=True, min_length=1, max_length=CAMPAIGN_NAME_MAX_LENGTH, pattern=NO_NUL
+    ),
 ]
 CampaignDescription = Annotated[
-    StrictStr, StringConstraints(max_length=CAMPAIGN_DESCRIPTION_MAX_LENGTH)
+    StrictStr, StringConstraints(max_length=CAMPAIGN_DESCRIPTION_MAX_LENGTH, pattern=NO_NUL)
 ]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 import uuid
@@ -22,6 +23,11 @@ from user_service.tokens.keys import load_signing_keys
 
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
+
+
+def crafted_cursor(raw: str) -> str:
+    """A cursor made by hand rather than taken from a page (cursors are opaque, not signed)."""
+    return base64.urlsafe_b64encode(raw.encode()).decode()
 
 
 class TestAuthentication:
@@ -118,6 +124,9 @@ class TestCreateCampaign:
             ({"name": 42}, "name"),
             ({"name": ["a"]}, "name"),
             ({"name": "ok", "description": 7}, "description"),
+            # PostgreSQL text cannot store NUL: refused as input, never a 500.
+            ({"name": "nul\u0000inside"}, "name"),
+            ({"name": "ok", "description": "nul\u0000inside"}, "description"),
             ({"name": "ok", "tenant_id": "someone-else"}, "tenant_id"),
             ({"name": "ok", "status": "done"}, "status"),
             ({}, "name"),
@@ -233,7 +242,15 @@ class TestListCampaigns:
 
     @pytest.mark.parametrize(
         ("params", "field"),
-        [({"limit": 0}, "limit"), ({"limit": 101}, "limit"), ({"cursor": "%%%"}, "cursor")],
+        [
+            ({"limit": 0}, "limit"),
+            ({"limit": 101}, "limit"),
+            ({"cursor": "%%%"}, "cursor"),
+            ({"cursor": crafted_cursor(f"2026-01-01T00:00:00|{uuid.uuid4()}")}, "cursor"),
+            ({"cursor": crafted_cursor(f"9999-12-31T23:00:00-05:00|{uuid.uuid4()}")}, "cursor"),
+            ({"cursor": crafted_cursor("2026-01-01T00:00:00+00:00|not-a-uuid")}, "cursor"),
+            ({"cursor": crafted_cursor("2026-01-01T00:00:00+00:00")}, "cursor"),
+        ],
     )
     async def test_invalid_paging(
         self,
