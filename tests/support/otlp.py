@@ -30,6 +30,8 @@ SPAN_KINDS = {
     5: "CONSUMER",
 }
 
+STATUS_CODES = {0: "UNSET", 1: "OK", 2: "ERROR"}
+
 
 @dataclass(frozen=True)
 class ReceivedSpan:
@@ -41,6 +43,7 @@ class ReceivedSpan:
     kind: str
     attributes: dict[str, Any]
     events: tuple[str, ...] = field(default=())
+    status: str = "UNSET"
 
 
 def _value(value: AnyValue) -> Any:
@@ -82,6 +85,7 @@ class OtlpReceiver:
                             kind=SPAN_KINDS[span.kind],
                             attributes={a.key: _value(a.value) for a in span.attributes},
                             events=tuple(event.name for event in span.events),
+                            status=STATUS_CODES[span.status.code],
                         )
                     )
         return Response(
