@@ -2,8 +2,10 @@
 the one pooled client; the answer streams back with its status and headers.
 
 Hop-by-hop headers are dropped both ways. ``X-Request-ID`` is kept or generated, sent upstream
-and returned; ``X-Forwarded-*`` are added; the W3C trace context upstream is the gateway's own
-span, so the upstream's spans join the caller's trace under the gateway's.
+and returned; every ``X-Forwarded-*`` the caller sent is replaced by the gateway's own
+(``-For``, ``-Proto``, ``-Host``); header names and values pass as bytes, unchanged; the W3C
+trace context upstream is the gateway's own span, so the upstream's spans join the caller's trace
+under the gateway's.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import AsyncIterator
+from urllib.parse import quote_from_bytes, unquote
 
 import httpx
 from fastapi import Request
@@ -53,16 +56,22 @@ _NOT_FORWARDED = HOP_BY_HOP | {
     "tracestate",
     "x-request-id",
     "forwarded",
-    "x-forwarded-for",
-    "x-forwarded-host",
-    "x-forwarded-proto",
-    "x-forwarded-port",
     "x-real-ip",
 }
+_FORWARDED_PREFIX = "x-forwarded-"  # every X-Forwarded-* a caller sends is dropped
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # Dot-segments and encoded separators would let a path climb out of a route's upstream base
 # path once the upstream client normalises it (/api/campaigns/%2e%2e/metrics -> /metrics).
 _ESCAPES = re.compile(r"(^|/)(\.|%2e){1,2}(/|$)|%2f|%5c|\\", re.IGNORECASE)
+
+
+# Printable ASCII passes as is (percent-escapes included); any other byte is percent-encoded, so
+# a path or query sent with raw UTF-8 (as curl does) reaches the upstream with the same meaning.
+_URL_SAFE = "".join(chr(code) for code in range(0x21, 0x7F))
+
+
+def url_part(raw: bytes) -> str:
+    return quote_from_bytes(raw, safe=_URL_SAFE)
 
 
 def request_id_of(request: Request) -> str:
@@ -71,13 +80,17 @@ def request_id_of(request: Request) -> str:
     return given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
 
 
-def _hop_by_hop(headers: httpx.Headers | list[tuple[str, str]]) -> set[str]:
+def _hop_by_hop(headers: list[tuple[bytes, bytes]]) -> set[str]:
     named = set(HOP_BY_HOP)
-    items = headers.multi_items() if isinstance(headers, httpx.Headers) else headers
-    for key, value in items:
-        if key.lower() == "connection":
-            named.update(token.strip().lower() for token in value.split(","))
+    for key, value in headers:
+        if key.lower() == b"connection":
+            named.update(token.strip().lower() for token in value.decode("latin-1").split(","))
     return named
+
+
+def _passes(name: bytes, drop: set[str]) -> bool:
+    key = name.decode("latin-1").lower()
+    return key not in drop and not key.startswith(_FORWARDED_PREFIX)
 
 
 class Proxy:
@@ -89,13 +102,15 @@ class Proxy:
     async def handle(self, request: Request) -> Response:
         request_id = request_id_of(request)
         # The path as sent (still percent-encoded): it is matched and forwarded as is.
-        raw_path = request.scope.get("raw_path", b"").decode("latin-1") or request.url.path
+        raw_path = url_part(request.scope.get("raw_path") or request.url.path.encode())
         path = request.url.path
         try:
             if _ESCAPES.search(raw_path):
                 raise BadRequest("The path has dot-segments or encoded separators")
             route = self._routes.match(raw_path)
-            if route is None or route.hides(raw_path):
+            # Hidden paths are compared decoded, as the upstream will route them: /%6Detrics
+            # is /metrics (encoded separators are refused above, so segments stay segments).
+            if route is None or route.hides(unquote(raw_path)):
                 raise NoRoute(f"No route for {path}")
             # The route's prefix is the metrics label: bounded, unlike raw paths.
             request.scope["metrics_route"] = route.prefix
@@ -116,28 +131,35 @@ class Proxy:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def _upstream_headers(self, request: Request, request_id: str) -> list[tuple[str, str]]:
+    def _upstream_headers(self, request: Request, request_id: str) -> list[tuple[bytes, bytes]]:
+        # Names and values travel as the bytes the caller sent (a value need not be ASCII).
         incoming = request.headers.raw
-        decoded = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in incoming]
-        drop = _hop_by_hop(decoded) | _NOT_FORWARDED
-        headers = [(key, value) for key, value in decoded if key.lower() not in drop]
+        drop = _hop_by_hop(incoming) | _NOT_FORWARDED
+        headers = [(key, value) for key, value in incoming if _passes(key, drop)]
         client = request.client.host if request.client else ""
+        host = next((value for key, value in incoming if key.lower() == b"host"), b"")
         headers += [
-            ("x-request-id", request_id),
-            ("x-forwarded-for", client),
-            ("x-forwarded-proto", request.url.scheme),
-            ("x-forwarded-host", request.headers.get("host", "")),
+            (b"x-request-id", request_id.encode()),
+            (b"x-forwarded-for", client.encode()),
+            (b"x-forwarded-proto", request.url.scheme.encode()),
+            (b"x-forwarded-host", host),
         ]
         carrier: dict[str, str] = {}
         propagate.inject(carrier)  # the gateway's server span, as the upstream's parent
-        headers += list(carrier.items())
+        headers += [(key.encode(), value.encode()) for key, value in carrier.items()]
         return headers
 
     async def _forward(
         self, request: Request, route: Route, raw_path: str, body: bytes, request_id: str
     ) -> Response:
-        # Path and query travel byte for byte, as the caller encoded them.
-        url = httpx.URL(route.target(raw_path), query=request.scope["query_string"])
+        # Path and query travel as the caller encoded them (bytes outside printable ASCII
+        # percent-encoded).
+        try:
+            url = httpx.URL(
+                route.target(raw_path), query=url_part(request.scope["query_string"]).encode()
+            )
+        except httpx.InvalidURL as exc:
+            raise BadRequest("The request's path or query is not a valid URL") from exc
         upstream_request = self._client.build_request(
             request.method,
             url,
@@ -153,23 +175,33 @@ class Proxy:
         except (httpx.TransportError, httpx.DecodingError) as exc:
             raise BadGateway(f"{route.name} is unreachable or broke the connection") from exc
 
-        drop = _hop_by_hop(upstream.headers)
+        try:
+            return self._respond(upstream, route, request_id)
+        except BaseException:
+            await upstream.aclose()  # the connection goes back to the pool, not astray
+            raise
+
+    def _respond(self, upstream: httpx.Response, route: Route, request_id: str) -> Response:
+        raw = upstream.headers.raw
+        drop = _hop_by_hop(raw) | {"x-request-id"}
+        # Keep repeated headers (Set-Cookie) and the upstream's exact bytes.
         headers = [
-            (key, route.public_location(value) if key.lower() == "location" else value)
-            for key, value in upstream.headers.multi_items()
-            if key.lower() not in drop
+            (key.lower(), _public_location(route, value) if key.lower() == b"location" else value)
+            for key, value in raw
+            if key.decode("latin-1").lower() not in drop
         ]
-        headers.append(("x-request-id", request_id))
+        headers.append((b"x-request-id", request_id.encode()))
         response = StreamingResponse(
             _relay(upstream),
             status_code=upstream.status_code,
             background=BackgroundTask(upstream.aclose),
         )
-        # Keep repeated headers (Set-Cookie) and the upstream's exact values.
-        response.raw_headers = [
-            (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers
-        ]
+        response.raw_headers = headers
         return response
+
+
+def _public_location(route: Route, value: bytes) -> bytes:
+    return route.public_location(value.decode("latin-1")).encode("latin-1")
 
 
 async def _relay(upstream: httpx.Response) -> AsyncIterator[bytes]:
