@@ -132,10 +132,16 @@ class JWKSKeys:
             if self._fetched_at is not None:
                 self._fetched_at = time.monotonic()  # keep the old keys; retry after the pause
             return
-        self._keys = {key.kid: key for key in key_set if key.kid}
+        # An unchanged key keeps its object, so tokens remembered by TokenVerifier (which holds
+        # the key that verified them) stay remembered across refreshes.
+        self._keys = {key.kid: self._unchanged(key) for key in key_set if key.kid}
         self._fetched_at = time.monotonic()
         self._failed_at = None
         logger.debug("JWKS fetched", extra={"url": self.url, "keys": len(self._keys)})
+
+    def _unchanged(self, key: Key) -> Key:
+        known = self._keys.get(key.kid or "")
+        return known if known is not None and known.thumbprint() == key.thumbprint() else key
 
 
 class TokenVerifier:
@@ -180,9 +186,10 @@ class TokenVerifier:
             # Still remembered, and its key still trusted (a key removed from the JWKS takes
             # its tokens with it at the next refresh, cache or not).
             if cached.until > time.monotonic() and await self._keys.get(cached.kid) is cached.key:
-                self._cache.move_to_end(token)
+                if token in self._cache:  # other requests ran while the keys were checked
+                    self._cache.move_to_end(token)
                 return cached.principal
-            del self._cache[token]
+            self._cache.pop(token, None)
         principal, kid, key = await self._verify(token)
         remaining = principal.expires_at.timestamp() - time.time()
         until = time.monotonic() + min(remaining, self._cache_seconds)

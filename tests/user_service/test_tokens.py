@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -231,6 +232,65 @@ class TestRememberedTokens:
 
                 with pytest.raises(InvalidToken):
                     await verifier.verify(token)
+
+    async def test_a_remembered_token_stays_remembered_across_jwks_refreshes(
+        self,
+        monkeypatch: pytest.MonkeyPatch,
+        user_client: httpx.AsyncClient,
+        user_settings: UserServiceSettings,
+        tenant: str,
+    ) -> None:
+        decoded = 0
+        decode = jwt.decode
+
+        def counting_decode(*args: Any, **kwargs: Any) -> Any:
+            nonlocal decoded
+            decoded += 1
+            return decode(*args, **kwargs)
+
+        monkeypatch.setattr(jwt, "decode", counting_decode)
+        transport = CountingTransport(user_client._transport)
+        async with httpx.AsyncClient(transport=transport, base_url=USER_SERVICE_URL) as client:
+            verifier = TokenVerifier(
+                keys=JWKSKeys(JWKS_URL, client, ttl_seconds=0),  # a fetch before every check
+                issuer=user_settings.jwt_issuer,
+                audience=user_settings.jwt_audience,
+            )
+            token = await token_for(user_client, tenant)
+            for _ in range(3):
+                assert (await verifier.verify(token)).tenant_id == tenant
+
+        assert transport.requests == 3
+        assert decoded == 1  # its signature was checked once, not once per refresh
+
+    async def test_concurrent_checks_when_the_key_object_changed(
+        self, user_settings: UserServiceSettings, user_client: httpx.AsyncClient, tenant: str
+    ) -> None:
+        published = load_signing_keys(user_settings).verification_keys().as_dict()
+
+        class SlowKeys:
+            def __init__(self) -> None:
+                self.reload()
+
+            def reload(self) -> None:
+                imported = KeySet.import_key_set(published)
+                self.by_kid = {key.kid: key for key in imported if key.kid}
+
+            async def get(self, kid: str) -> Any:
+                await asyncio.sleep(0)  # as a JWKS fetch would: other requests run meanwhile
+                return self.by_kid.get(kid)
+
+        keys = SlowKeys()
+        verifier = TokenVerifier(
+            keys=keys, issuer=user_settings.jwt_issuer, audience=user_settings.jwt_audience
+        )
+        token = await token_for(user_client, tenant)
+        await verifier.verify(token)
+        keys.reload()  # new key objects: the remembered entry must be checked again
+
+        principals = await asyncio.gather(*(verifier.verify(token) for _ in range(5)))
+
+        assert {principal.tenant_id for principal in principals} == {tenant}
 
     async def test_tokens_living_longer_than_any_issued_are_refused(
         self,
