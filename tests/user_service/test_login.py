@@ -167,6 +167,29 @@ class TestLogin:
         assert stored.split("$")[3] == current.split("$")[3] != older.split("$")[3]
         assert (await login(user_client, tenant)).status_code == 200
 
+    @pytest.mark.parametrize("stored", ["", "plaintext-password", "$md5$abc", "$argon2id$broken"])
+    async def test_a_stored_hash_in_no_known_format_refuses_the_login(
+        self,
+        user_client: httpx.AsyncClient,
+        tenant: str,
+        db: asyncpg.Connection,
+        caplog: pytest.LogCaptureFixture,
+        stored: str,
+    ) -> None:
+        user = await register(user_client, tenant)
+        await db.execute(
+            "UPDATE users SET hashed_password = $1 WHERE id = $2", stored, uuid.UUID(user["id"])
+        )
+
+        response = await login(user_client, tenant)
+
+        assert response.status_code == 401
+        assert response.json() == (await login(user_client, tenant, password="wrong")).json()
+        assert any(
+            record.levelname == "ERROR" and getattr(record, "user_id", None) == user["id"]
+            for record in caplog.records
+        )
+
     async def test_overlong_password_against_a_bcrypt_hash_is_refused(
         self, user_client: httpx.AsyncClient, tenant: str, db: asyncpg.Connection
     ) -> None:

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from pwdlib import PasswordHash
+from pwdlib.exceptions import UnknownHashError
 from pwdlib.hashers.argon2 import Argon2Hasher
 from pwdlib.hashers.bcrypt import BcryptHasher
 
@@ -27,6 +28,11 @@ T = TypeVar("T")
 
 class HashingBusy(ServiceUnavailable):
     detail = "Too many logins and registrations at once; try again shortly"
+
+
+class UnusableHash(Exception):
+    """The stored hash is in no format we know (a bad import, a hand edit): no password can
+    match it. The caller answers as for a wrong password and tells the operator."""
 
 
 class PasswordHasher:
@@ -61,11 +67,17 @@ class PasswordHasher:
         return await self._run(lambda: self._hash.hash(password))
 
     async def verify_and_update(self, password: str, hashed: str) -> tuple[bool, str | None]:
-        """Whether ``password`` matches, and a new hash when the stored one should be replaced."""
+        """Whether ``password`` matches, and a new hash when the stored one should be replaced.
+
+        Raises :class:`UnusableHash` (after the same work as a real check) when ``hashed`` is
+        in no known format."""
 
         def verify() -> tuple[bool, str | None]:
             try:
                 return self._hash.verify_and_update(password, hashed)
+            except UnknownHashError:
+                self._hash.verify(password, self._dummy_hash)  # the time a real check takes
+                raise UnusableHash() from None
             except ValueError:
                 # bcrypt refuses passwords over 72 bytes; such a password never matched one.
                 return False, None

@@ -7,7 +7,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from shared.models import User
 from user_service.tokens.issuer import IssuedToken, TokenIssuer
 from user_service.users.exceptions import EmailAlreadyRegistered, InvalidCredentials
-from user_service.users.passwords import PasswordHasher
+from user_service.users.passwords import PasswordHasher, UnusableHash
 from user_service.users.repository import UserRepository
 from user_service.users.schemas import LoginRequest, RegisterRequest
 
@@ -43,7 +43,14 @@ async def login(
         await passwords.verify_unknown_user(data.password)
         raise InvalidCredentials()
     user_id, hashed_password = found
-    valid, new_hash = await passwords.verify_and_update(data.password, hashed_password)
+    try:
+        valid, new_hash = await passwords.verify_and_update(data.password, hashed_password)
+    except UnusableHash:
+        logger.error(
+            "stored password hash is in no known format; login refused",
+            extra={"tenant_id": data.tenant_id, "user_id": str(user_id)},
+        )
+        raise InvalidCredentials() from None
     if not valid:
         raise InvalidCredentials()
     if new_hash is not None:
