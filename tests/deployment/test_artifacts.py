@@ -87,6 +87,9 @@ class TestCompose:
             assert service["healthcheck"]["test"], name
             assert not service["healthcheck"].get("disable"), name
         assert "ports" not in SERVICES["worker"]  # scalable: --scale worker=3
+        # Healthy only once PostgreSQL listens on TCP, as the services reach it (during its
+        # first-start initialisation it answers on the socket alone, then restarts).
+        assert "pg_isready -h 127.0.0.1" in " ".join(SERVICES["postgres"]["healthcheck"]["test"])
 
     def test_started_in_dependency_order(self) -> None:
         conditions = {"service_started", "service_healthy", "service_completed_successfully"}
