@@ -5,7 +5,8 @@ explicitly, and only after its row is written:
 - failure with attempts left: row ``retry`` -> republish to the delay queue of that attempt
   (confirmed) with the next attempt number in ``x-attempt`` -> ack;
 - failure on the last attempt: row ``failed`` -> dead-letter;
-- poison (not a valid event, or no such campaign in its tenant): dead-letter at once;
+- poison (not a valid event, or no such campaign in its tenant): dead-letter at once, without
+  executing anything;
 - an event whose ``success`` row exists: ack without running it again.
 
 Dead-lettering with the reason attached: a nack cannot add headers, so the worker republishes
@@ -43,7 +44,7 @@ from shared.telemetry import current_trace_id
 from worker.metrics import Outcome, WorkerMetrics
 from worker.settings import WorkerSettings
 from worker.simulation import execute
-from worker.store import JobLogStore, Recorded, ShuttingDown
+from worker.store import JobLogStore, Recorded, ShuttingDown, Standing
 
 logger = logging.getLogger(__name__)
 
@@ -154,10 +155,13 @@ class CampaignProcessor:
     async def _process(
         self, message: RabbitMessage, event: CampaignCreated, attempt: int
     ) -> Outcome:
-        if await self._store.has_success(event.event_id):
+        standing = await self._store.standing(event)
+        if standing is Standing.DONE:
             logger.info("event already processed; acknowledged")
             await message.ack()
             return Outcome.DUPLICATE
+        if standing is Standing.UNKNOWN_CAMPAIGN:
+            return await self._unknown_campaign(message, attempt)
 
         try:
             await execute(

@@ -50,6 +50,14 @@ class ShuttingDown(Exception):
     """The worker is stopping while a write waits for the database."""
 
 
+class Standing(Enum):
+    """Where an event stands before it is executed."""
+
+    NEW = "new"  # a campaign of the event's tenant, not yet done
+    DONE = "done"  # its success row exists
+    UNKNOWN_CAMPAIGN = "unknown campaign"  # no such campaign in the event's tenant: poison
+
+
 class Recorded(Enum):
     WRITTEN = "written"
     ALREADY_THERE = "already there"  # this step's row exists (a redelivery), or a success does
@@ -198,10 +206,27 @@ class JobRow:
         return self.event.event_id, self.status.value, attempt
 
 
-_SUCCESSES = text(
-    "SELECT DISTINCT event_id FROM campaign_job_logs "
-    "WHERE status = 'success' AND event_id = ANY(:event_ids)"
-).bindparams(bindparam("event_ids", type_=ARRAY(Uuid())))
+_STANDINGS = text(
+    """
+    SELECT i.ord,
+           EXISTS (
+               SELECT 1 FROM campaign_job_logs AS l
+               WHERE l.event_id = i.event_id AND l.status = 'success'
+           ) AS done,
+           EXISTS (
+               SELECT 1 FROM campaigns AS c
+               WHERE c.id = i.campaign_id AND c.tenant_id = i.tenant_id
+           ) AS known
+    FROM unnest(:ords, :event_ids, :campaign_ids, :tenant_ids)
+        AS i(ord, event_id, campaign_id, tenant_id)
+    ORDER BY i.ord
+    """
+).bindparams(
+    bindparam("ords", type_=ARRAY(Integer())),
+    bindparam("event_ids", type_=ARRAY(Uuid())),
+    bindparam("campaign_ids", type_=ARRAY(Uuid())),
+    bindparam("tenant_ids", type_=ARRAY(String())),
+)
 
 # Only rows of a campaign of the event's own tenant are written (the join); conflicts with an
 # existing row of the same step, or with the event's success, write nothing.
@@ -251,10 +276,17 @@ _SPAN_ATTRIBUTES = {
 }
 
 
-async def _check(connection: AsyncConnection, event_ids: Sequence[uuid.UUID]) -> list[bool]:
-    result = await connection.execute(_SUCCESSES, {"event_ids": list(set(event_ids))})
-    found = set(result.scalars().all())
-    return [event_id in found for event_id in event_ids]
+async def _check(connection: AsyncConnection, events: Sequence[CampaignCreated]) -> list[Standing]:
+    params = {
+        "ords": list(range(len(events))),
+        "event_ids": [event.event_id for event in events],
+        "campaign_ids": [event.campaign_id for event in events],
+        "tenant_ids": [event.tenant_id for event in events],
+    }
+    return [
+        Standing.DONE if done else Standing.NEW if known else Standing.UNKNOWN_CAMPAIGN
+        for _, done, known in (await connection.execute(_STANDINGS, params)).all()
+    ]
 
 
 async def _write(connection: AsyncConnection, rows: Sequence[JobRow]) -> list[Recorded]:
@@ -306,7 +338,7 @@ class JobLogStore:
     ) -> None:
         self._retry_max = retry_max_seconds
         self._stopping = stopping
-        self._checks: _Batcher[uuid.UUID, bool] = _Batcher(
+        self._checks: _Batcher[CampaignCreated, Standing] = _Batcher(
             "success-check",
             _check,
             engine=engine,
@@ -331,9 +363,11 @@ class JobLogStore:
         await self._checks.stop()
         await self._writes.stop()
 
-    async def has_success(self, event_id: uuid.UUID) -> bool:
-        found, _ = await self._checks.submit(event_id)
-        return found
+    async def standing(self, event: CampaignCreated) -> Standing:
+        """Whether the event's success row exists, and whether it names a campaign of its own
+        tenant (checked before executing it: a forged or stray event runs nothing)."""
+        standing, _ = await self._checks.submit(event)
+        return standing
 
     async def record(
         self,

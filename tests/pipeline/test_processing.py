@@ -57,6 +57,22 @@ async def handled(worker: FastAPI, **expected: int) -> dict[str, float]:
     )
 
 
+@pytest.fixture
+def executions(monkeypatch: pytest.MonkeyPatch) -> list[CampaignCreated]:
+    """The events the worker executes (its simulated work), in order."""
+    import worker.processing
+
+    seen: list[CampaignCreated] = []
+    execute = worker.processing.execute
+
+    async def recording(event: CampaignCreated, **kwargs: Any) -> None:
+        seen.append(event)
+        await execute(event, **kwargs)
+
+    monkeypatch.setattr(worker.processing, "execute", recording)
+    return seen
+
+
 class TestSuccess:
     async def test_one_success_row_within_a_second(
         self, campaign_client: httpx.AsyncClient, headers: dict[str, str], tenant: str
@@ -201,6 +217,7 @@ class TestPoison:
         vhost: str,
         tenant: str,
         db: asyncpg.Connection,
+        executions: list[CampaignCreated],
     ) -> None:
         event = CampaignCreated(tenant_id=tenant, campaign_id=uuid.uuid4(), name="ghost")
 
@@ -208,6 +225,7 @@ class TestPoison:
         [message] = await dead_letters(rabbit_admin, vhost)
 
         assert "no such campaign" in message["properties"]["headers"][ERROR_MESSAGE_HEADER]
+        assert executions == []  # found out before running anything
         rows = await db.fetchval(
             "SELECT count(*) FROM campaign_job_logs WHERE event_id = $1", event.event_id
         )
@@ -221,6 +239,7 @@ class TestPoison:
         rabbit_admin: RabbitAdmin,
         vhost: str,
         other_tenant: str,
+        executions: list[CampaignCreated],
     ) -> None:
         campaign = await create_campaign(campaign_client, headers, "mine")
         await wait_for_jobs(campaign_client, headers, campaign["id"])
@@ -232,6 +251,8 @@ class TestPoison:
         await dead_letters(rabbit_admin, vhost)
 
         assert steps(await jobs_of(campaign_client, headers, campaign["id"])) == [("success", 1)]
+        # Another tenant's campaign is never run on a forged event's say-so.
+        assert forged.event_id not in {event.event_id for event in executions}
 
 
 class TestDuplicates:

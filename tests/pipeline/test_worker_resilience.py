@@ -278,15 +278,15 @@ class TestUnexpectedError:
 
         from worker.store import JobLogStore
 
-        has_success = JobLogStore.has_success
+        standing = JobLogStore.standing
         calls = 0
 
-        async def broken_once(store: JobLogStore, event_id: uuid.UUID) -> bool:
+        async def broken_once(store: JobLogStore, event: Any) -> Any:
             nonlocal calls
             calls += 1
             if calls == 1:
                 raise RuntimeError("a bug in the worker")
-            return await has_success(store, event_id)
+            return await standing(store, event)
 
         rejected: list[bool] = []
         reject = RabbitMessage.reject
@@ -295,7 +295,7 @@ class TestUnexpectedError:
             rejected.append(requeue)
             await reject(message, requeue=requeue)
 
-        monkeypatch.setattr(JobLogStore, "has_success", broken_once)
+        monkeypatch.setattr(JobLogStore, "standing", broken_once)
         monkeypatch.setattr(RabbitMessage, "reject", spy_reject)
         worker = create_worker_app(make_worker_settings(database_url, amqp_url))
         async with worker.router.lifespan_context(worker):
