@@ -61,9 +61,9 @@ async def handled(worker: FastAPI, **expected: int) -> dict[str, float]:
 def executions(monkeypatch: pytest.MonkeyPatch) -> list[CampaignCreated]:
     """The events the worker executes (its simulated work), in order."""
     import worker.processing
+    from worker.simulation import execute
 
     seen: list[CampaignCreated] = []
-    execute = worker.processing.execute
 
     async def recording(event: CampaignCreated, **kwargs: Any) -> None:
         seen.append(event)
