@@ -10,7 +10,7 @@ from functools import partial
 
 import httpx
 from fastapi import FastAPI
-from joserfc.jwk import KeySet, OKPKey
+from joserfc.jwk import KeySet
 from prometheus_client import CollectorRegistry
 
 from campaign_service.campaigns.router import router as campaigns_router
@@ -21,7 +21,13 @@ from shared.db import create_engine, create_sessionmaker, ping
 from shared.logs import configure_logging
 from shared.messaging import BrokerStartup, create_broker, declare_core
 from shared.telemetry import NO_NATIVE_TELEMETRY, RabbitTracing, configure_tracing
-from shared.tokens import JWKSKeys, KeyProvider, StaticKeys, TokenVerifier
+from shared.tokens import (
+    JWKSKeys,
+    KeyProvider,
+    StaticKeys,
+    TokenVerifier,
+    public_keys_from_pem,
+)
 from shared.web import ReadinessCheck, health_router, install_common
 
 
@@ -41,6 +47,10 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as cleanup:
             # Callbacks run in reverse order, each even when an earlier one failed.
+            http = jwks_client or httpx.AsyncClient(timeout=5.0)
+            if jwks_client is None:
+                cleanup.push_async_callback(http.aclose)
+            token_keys = _token_keys(settings, http)  # a key that cannot be used stops the start
             engine = create_engine(settings, application_name=settings.service_name)
             cleanup.push_async_callback(engine.dispose)
             broker = create_broker(
@@ -57,9 +67,6 @@ def create_app(
                 metrics=metrics,
             )
             cleanup.push_async_callback(relay.stop)
-            http = jwks_client or httpx.AsyncClient(timeout=5.0)
-            if jwks_client is None:
-                cleanup.push_async_callback(http.aclose)
 
             async def set_up_broker() -> None:
                 await declare_core(broker)
@@ -81,7 +88,7 @@ def create_app(
                 engine, sync_session_class=relay.session_class()
             )
             app.state.token_verifier = TokenVerifier(
-                keys=_token_keys(settings, http),
+                keys=token_keys,
                 issuer=settings.jwt_issuer,
                 audience=settings.jwt_audience,
                 leeway_seconds=settings.jwt_leeway_seconds,
@@ -114,11 +121,6 @@ def create_app(
 
 def _token_keys(settings: CampaignServiceSettings, client: httpx.AsyncClient) -> KeyProvider:
     if settings.jwt_public_keys:
-        keys = [OKPKey.import_key(pem) for pem in _pem_blocks(settings.jwt_public_keys)]
-        return StaticKeys(KeySet(keys))  # type: ignore[arg-type]
+        keys = public_keys_from_pem(settings.jwt_public_keys, setting="JWT_PUBLIC_KEYS")
+        return StaticKeys(KeySet(keys))
     return JWKSKeys(settings.jwt_jwks_url, client, ttl_seconds=settings.jwt_jwks_cache_seconds)
-
-
-def _pem_blocks(text: str) -> list[str]:
-    marker = "-----END PUBLIC KEY-----"
-    return [block.strip() + "\n" + marker for block in text.split(marker) if block.strip()]

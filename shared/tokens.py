@@ -29,7 +29,7 @@ from typing import Any, ClassVar, Protocol
 import httpx
 from joserfc import jws, jwt
 from joserfc.errors import JoseError
-from joserfc.jwk import Key, KeySet
+from joserfc.jwk import Key, KeySet, OKPKey
 
 from shared.errors import ServiceUnavailable, Unauthorized
 from shared.tenancy import TENANT_ID_PATTERN
@@ -38,6 +38,28 @@ logger = logging.getLogger(__name__)
 
 SIGNING_ALGORITHM = "Ed25519"
 _TENANT_ID = re.compile(TENANT_ID_PATTERN)
+
+
+_PEM_BLOCK = re.compile(r"-----BEGIN [A-Z ]+-----.+?-----END [A-Z ]+-----", re.DOTALL)
+
+
+class KeyConfigurationError(RuntimeError):
+    """A configured key cannot be used: the process refuses to start with it."""
+
+
+def public_keys_from_pem(text: str, *, setting: str) -> list[Key]:
+    """The Ed25519 public keys in ``text``, one or more PEM blocks (as a setting holds them);
+    a block that is not such a key stops the start, naming ``setting``."""
+    keys: list[Key] = []
+    for block in _PEM_BLOCK.findall(text):
+        try:
+            key = OKPKey.import_key(block)
+        except Exception as exc:  # joserfc and cryptography raise several types for a bad PEM
+            raise KeyConfigurationError(f"{setting}: not an Ed25519 key in PEM") from exc
+        if key.curve_name != "Ed25519":
+            raise KeyConfigurationError(f"{setting}: not an Ed25519 key in PEM")
+        keys.append(OKPKey.import_key(key.as_dict(private=False)))
+    return keys
 
 
 class KeysUnavailable(ServiceUnavailable):

@@ -12,9 +12,12 @@ import asyncpg
 import httpx
 import pytest
 from joserfc import jwt
-from joserfc.jwk import OKPKey
+from joserfc.jwk import ECKey, OKPKey
 
+from campaign_service.app import create_app as create_campaign_app
 from shared.models.campaigns import CAMPAIGN_DESCRIPTION_MAX_LENGTH, CAMPAIGN_NAME_MAX_LENGTH
+from shared.tokens import KeyConfigurationError
+from tests.pipeline.conftest import make_campaign_settings
 from tests.support.campaigns import create_campaign
 from tests.user_service.test_tokens import b64, unb64
 from user_service.settings import UserServiceSettings
@@ -78,6 +81,60 @@ class TestAuthentication:
         assert response.status_code == 401
         assert response.headers["www-authenticate"] == 'Bearer error="invalid_token"'
         assert response.json() == {"detail": "Invalid or expired token"}
+
+
+class TestConfiguredKeys:
+    async def test_public_keys_from_configuration_instead_of_the_jwks(
+        self,
+        database_url: str,
+        amqp_url: str,
+        user_settings: UserServiceSettings,
+        headers: dict[str, str],
+    ) -> None:
+        current = load_signing_keys(user_settings).signing_key.as_pem(private=False).decode()
+        retired, foreign = OKPKey.generate_key("Ed25519"), OKPKey.generate_key("Ed25519")
+        claims = unb64(headers["Authorization"].split(".")[1])
+
+        def signed_by(key: OKPKey) -> dict[str, str]:
+            header = {"alg": "Ed25519", "kid": key.thumbprint()}
+            return bearer(jwt.encode(header, claims, key, algorithms=["Ed25519"]))
+
+        settings = make_campaign_settings(
+            database_url,
+            amqp_url,
+            jwt_jwks_url="http://127.0.0.1:9/unreachable",  # never asked
+            jwt_public_keys=retired.as_pem(private=False).decode() + current,
+        )
+        app = create_campaign_app(settings)
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://c") as c,
+        ):
+            statuses = [
+                (await c.get("/campaigns", headers=each)).status_code
+                for each in (headers, signed_by(retired), signed_by(foreign))
+            ]
+
+        assert statuses == [200, 200, 401]
+
+    @pytest.mark.parametrize(
+        "configured",
+        [
+            "-----BEGIN PUBLIC KEY-----\nbm90IGEga2V5\n-----END PUBLIC KEY-----\n",
+            # An EC P-256 key: a key, but not one tokens are signed with.
+            ECKey.generate_key("P-256").as_pem(private=False).decode(),
+        ],
+    )
+    async def test_a_key_that_cannot_be_used_stops_the_start(
+        self, database_url: str, amqp_url: str, configured: str
+    ) -> None:
+        app = create_campaign_app(
+            make_campaign_settings(database_url, amqp_url, jwt_public_keys=configured)
+        )
+
+        with pytest.raises(KeyConfigurationError, match="JWT_PUBLIC_KEYS"):
+            async with app.router.lifespan_context(app):
+                pass
 
 
 class TestCreateCampaign:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,16 +15,10 @@ from typing import Any
 
 from joserfc.jwk import Key, KeySet, OKPKey
 
-from shared.tokens import SIGNING_ALGORITHM
+from shared.tokens import SIGNING_ALGORITHM, KeyConfigurationError, public_keys_from_pem
 from user_service.settings import UserServiceSettings
 
 logger = logging.getLogger(__name__)
-
-_PEM_BLOCK = re.compile(r"-----BEGIN [A-Z ]+-----.+?-----END [A-Z ]+-----", re.DOTALL)
-
-
-class KeyConfigurationError(RuntimeError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -54,8 +47,8 @@ class SigningKeys:
 def load_signing_keys(settings: UserServiceSettings) -> SigningKeys:
     signing_key = _import_private_key(_configured_private_key(settings))
     previous = _configured_previous_keys(settings)
-    keys = tuple(_import_public_key(block) for block in _PEM_BLOCK.findall(previous))
-    return SigningKeys(signing_key=signing_key, previous_keys=keys)
+    keys = public_keys_from_pem(previous, setting="JWT_PREVIOUS_PUBLIC_KEYS")
+    return SigningKeys(signing_key=signing_key, previous_keys=tuple(keys))
 
 
 def _configured_private_key(settings: UserServiceSettings) -> str:
@@ -113,11 +106,3 @@ def _import_private_key(pem: str) -> OKPKey:
     if not key.is_private or key.curve_name != "Ed25519":
         raise KeyConfigurationError("JWT signing key is not an Ed25519 private key in PEM")
     return key
-
-
-def _import_public_key(pem: str) -> Key:
-    try:
-        key = OKPKey.import_key(pem)
-    except Exception as exc:
-        raise KeyConfigurationError("a previous public key is not an Ed25519 key in PEM") from exc
-    return OKPKey.import_key(key.as_dict(private=False))
