@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import statistics
 import threading
 import time
@@ -249,6 +250,27 @@ class TestPasswordHashingOffTheEventLoop:
         assert len(seen) == 2
         assert threading.main_thread().name not in seen
         assert all(name.startswith("password") for name in seen)
+
+    @pytest.mark.skipif(not hasattr(os, "setpriority"), reason="per-thread priorities: Linux")
+    async def test_hashing_threads_yield_the_cpu_to_the_event_loop(
+        self, user_app: FastAPI, user_client: httpx.AsyncClient, tenant: str
+    ) -> None:
+        hasher = user_app.state.passwords._hash
+        priorities: list[int] = []
+        original_hash = hasher.hash
+
+        def record_hash(*args: Any, **kwargs: Any) -> Any:
+            priorities.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+            return original_hash(*args, **kwargs)
+
+        hasher.hash = record_hash
+        try:
+            await register(user_client, tenant)
+        finally:
+            del hasher.hash
+
+        loop_priority = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        assert priorities == [min(loop_priority + 10, 19)]
 
 
 class TestLoginUnderLoad:

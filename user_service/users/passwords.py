@@ -8,8 +8,11 @@ the same work against a dummy hash, so a wrong email costs what a wrong password
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import secrets
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -35,6 +38,18 @@ class UnusableHash(Exception):
     match it. The caller answers as for a wrong password and tells the operator."""
 
 
+def _lower_priority(niceness: int) -> None:
+    """Run this hashing thread below the event loop's priority: a login storm then takes the CPU
+    the loop leaves over, and the loop answers every other request without waiting for a core
+    (argon2 releases the GIL, so the CPU is what they would share). Linux schedules threads
+    one by one; elsewhere this is a no-op."""
+    if niceness and hasattr(os, "setpriority"):
+        thread = threading.get_native_id()
+        with contextlib.suppress(OSError):
+            current = os.getpriority(os.PRIO_PROCESS, thread)
+            os.setpriority(os.PRIO_PROCESS, thread, min(current + niceness, 19))
+
+
 class PasswordHasher:
     def __init__(
         self,
@@ -44,10 +59,16 @@ class PasswordHasher:
         memory_kib: int = 19 * 1024,
         time_cost: int = 2,
         parallelism: int = 1,
+        niceness: int = 10,
     ) -> None:
         argon2 = Argon2Hasher(memory_cost=memory_kib, time_cost=time_cost, parallelism=parallelism)
         self._hash = PasswordHash((argon2, BcryptHasher()))
-        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="password")
+        self._executor = ThreadPoolExecutor(
+            max_workers=threads,
+            thread_name_prefix="password",
+            initializer=_lower_priority,
+            initargs=(niceness,),
+        )
         self._dummy_hash = self._hash.hash(secrets.token_urlsafe(32))
         # Hashes running or waiting for a thread; past the limit, callers get a 503 at once
         # instead of queueing for ever longer.
