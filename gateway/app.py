@@ -60,7 +60,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         telemetry=NO_NATIVE_TELEMETRY,
     )
     # The gateway's body limit answers 413 itself, so the services' 422 guard is not used here.
-    install_common(app, settings=settings, registry=registry, max_body_bytes=None)
+    install_common(
+        app, settings=settings, registry=registry, max_body_bytes=None, assign_request_ids=True
+    )
 
     def readiness() -> dict[str, ReadinessCheck]:
         return {}  # the gateway itself depends on nothing; see /api/gateway/status

@@ -32,6 +32,7 @@ from gateway.errors import (
     error_response,
 )
 from gateway.routes import Route, RouteTable
+from shared.web import REQUEST_ID
 
 # RFC 9110 7.6.1, plus Proxy-Connection; the headers named in Connection go too.
 HOP_BY_HOP = frozenset(
@@ -59,7 +60,6 @@ _NOT_FORWARDED = HOP_BY_HOP | {
     "x-real-ip",
 }
 _FORWARDED_PREFIX = "x-forwarded-"  # every X-Forwarded-* a caller sends is dropped
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # Dot-segments and encoded separators would let a path climb out of a route's upstream base
 # path once the upstream client normalises it (/api/campaigns/%2e%2e/metrics -> /metrics).
 _ESCAPES = re.compile(r"(^|/)(\.|%2e){1,2}(/|$)|%2f|%5c|\\", re.IGNORECASE)
@@ -75,9 +75,10 @@ def url_part(raw: bytes) -> str:
 
 
 def request_id_of(request: Request) -> str:
-    """The caller's X-Request-ID when it is a sane token, else a new one."""
-    given = request.headers.get("x-request-id", "")
-    return given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+    """The caller's X-Request-ID when it is a sane token, else a new one (the gateway's
+    RequestIdLogMiddleware has normally assigned one already, so its log lines name it too)."""
+    given = request.headers.get("x-request-id", "").encode("latin-1")
+    return given.decode() if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
 
 
 def _hop_by_hop(headers: list[tuple[bytes, bytes]]) -> set[str]:

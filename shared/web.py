@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
+import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Literal
 
@@ -74,22 +76,37 @@ class MaxBodySizeMiddleware:
         await self.app(scope, counting_receive, send)
 
 
+REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
+
+
 class RequestIdLogMiddleware:
     """Every line logged while a request is served carries its X-Request-ID (set by the
-    gateway, or by any caller), so one request can be followed across services' logs."""
+    gateway, or by any caller), so one request can be followed across services' logs.
 
-    def __init__(self, app: ASGIApp) -> None:
+    With ``assign`` (the gateway, the edge), a request without a sane X-Request-ID gets a new
+    one before anything else sees it: its own log lines, the upstream and the caller then all
+    name the same id."""
+
+    def __init__(self, app: ASGIApp, *, assign: bool = False) -> None:
         self.app = app
+        self.assign = assign
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = dict(scope["headers"]).get(b"x-request-id")
-        if request_id is None or len(request_id) > 128:
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        given = next((value for key, value in headers if key == b"x-request-id"), None)
+        request_id = given if given is not None and REQUEST_ID.fullmatch(given) else None
+        if request_id is None and self.assign:
+            request_id = uuid.uuid4().hex.encode()
+            kept = [(key, value) for key, value in headers if key != b"x-request-id"]
+            # In place: outer middleware reads what inner layers note in this same scope.
+            scope["headers"] = [*kept, (b"x-request-id", request_id)]
+        if request_id is None:
             await self.app(scope, receive, send)
             return
-        with log_context(request_id=request_id.decode("latin-1")):
+        with log_context(request_id=request_id.decode("ascii")):
             await self.app(scope, receive, send)
 
 
@@ -137,14 +154,16 @@ def install_common(
     registry: CollectorRegistry,
     refreshers: Sequence[Refresher] = (),
     max_body_bytes: int | Literal["settings"] | None = "settings",
+    assign_request_ids: bool = False,
 ) -> None:
     """Error handlers, the body-size guard (off with ``max_body_bytes=None``), RED metrics on
-    /metrics, the request id in the logs, and tracing."""
+    /metrics, the request id in the logs (given one when it has none, with
+    ``assign_request_ids``), and tracing."""
     install_error_handlers(app)
     limit = settings.max_request_body_bytes if max_body_bytes == "settings" else max_body_bytes
     if limit is not None:
         app.add_middleware(MaxBodySizeMiddleware, max_bytes=limit)
-    app.add_middleware(RequestIdLogMiddleware)
+    app.add_middleware(RequestIdLogMiddleware, assign=assign_request_ids)
     app.add_middleware(HttpMetricsMiddleware, metrics=HttpMetrics(registry))
     instrument_app(app, configure_tracing(settings.service_name))
     app.include_router(metrics_router(registry, refreshers))

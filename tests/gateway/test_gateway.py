@@ -244,14 +244,25 @@ class TestForwarding:
         assert response.headers["content-type"] == "application/json"
 
     async def test_request_id_is_generated_passed_on_and_returned(
-        self, echo: tuple[Echo, str]
+        self, echo: tuple[Echo, str], capsys: pytest.CaptureFixture[str]
     ) -> None:
         upstream, url = echo
         async with gateway([RouteConfig(name="echo", prefix="/", upstream=url)]) as (client, _):
             generated = await client.get("/a")
             given = await client.get("/b", headers={"X-Request-ID": "req-123"})
             hostile = await client.get("/c", headers={"X-Request-ID": "bad id\twith space"})
+            missing = await client.get("/nowhere/%2e%2e/x")  # answered by the gateway itself
 
+        # The gateway's own log lines name the id the upstream and the caller got.
+        logged = {
+            line["path"]: line.get("request_id")
+            for line in map(json.loads, capsys.readouterr().out.splitlines())
+            if line.get("logger") == "uvicorn.access"
+        }
+        assert logged["/a"] == generated.headers["x-request-id"]
+        assert logged["/b"] == "req-123"
+        assert logged["/c"] == hostile.headers["x-request-id"]
+        assert logged["/nowhere/../x"] == missing.headers["x-request-id"]
         first, second, third = (headers_of(seen) for seen in upstream.requests)
         assert generated.headers["x-request-id"] == first["x-request-id"][0]
         assert len(first["x-request-id"][0]) == 32
