@@ -40,6 +40,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             limits=httpx.Limits(
                 max_connections=settings.gateway_max_connections,
                 max_keepalive_connections=settings.gateway_max_keepalive_connections,
+                keepalive_expiry=settings.gateway_keepalive_expiry_seconds,
             ),
             follow_redirects=False,
         )

@@ -47,6 +47,10 @@ class GatewaySettings(CommonSettings):
     gateway_max_connections: int = Field(default=200, ge=1)
     gateway_max_keepalive_connections: int = Field(default=50, ge=0)
     gateway_pool_timeout_seconds: float = Field(default=2.0, gt=0)
+    # An idle upstream connection is dropped after this, before the upstream's own keep-alive
+    # timeout (uvicorn's 5 s) closes it: otherwise a request sent on a connection the upstream
+    # is closing at that moment fails (a 502, and a POST cannot be retried).
+    gateway_keepalive_expiry_seconds: float = Field(default=4.0, gt=0)
     # GET /api/gateway/status waits this long for each upstream's /ready.
     gateway_status_timeout_seconds: float = Field(default=1.0, gt=0)
 

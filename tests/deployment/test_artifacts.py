@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import uvicorn
 import yaml
 
 from campaign_service.settings import CampaignServiceSettings
@@ -202,6 +203,15 @@ class TestImage:
         assert syntax.returncode == 0, syntax.stderr
         for service in APPS:
             assert service in script.read_text()
+
+    def test_gateway_drops_idle_connections_before_the_services_close_them(self) -> None:
+        # The services run uvicorn with its default keep-alive timeout, in the image and locally.
+        for script in ("docker/start", "scripts/run-local"):
+            assert "--timeout-keep-alive" not in (ROOT / script).read_text(), script
+        services_keep_alive = uvicorn.Config(app=None).timeout_keep_alive  # type: ignore[arg-type]
+        expiry = GatewaySettings.model_fields["gateway_keepalive_expiry_seconds"].default
+
+        assert expiry < services_keep_alive
 
     def test_runtime_lock_is_the_main_lock_without_the_dev_tools(self) -> None:
         def pins(name: str) -> dict[str, str]:
