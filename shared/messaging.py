@@ -144,6 +144,30 @@ def create_broker(
     )
 
 
+async def publish_confirmed(
+    broker: RabbitBroker,
+    body: Any,
+    *,
+    exchange: str,
+    routing_key: str,
+    confirm_seconds: float,
+    **properties: Any,
+) -> None:
+    """Publish persistent and ``mandatory``, and return once the broker has confirmed it: an
+    unroutable message raises, and so does a confirm that takes longer than
+    ``confirm_seconds``."""
+    async with asyncio.timeout(confirm_seconds):
+        await broker.publish(
+            body,
+            exchange=exchange,
+            routing_key=routing_key,
+            persist=True,
+            mandatory=True,
+            timeout=confirm_seconds,
+            **properties,
+        )
+
+
 async def declare_core(broker: RabbitBroker) -> None:
     """What a publisher of ``campaign.created`` relies on: the exchange, the worker's queue (so
     a confirmed ``mandatory`` publish has somewhere to land) and the dead-letter path."""

@@ -37,6 +37,7 @@ from shared.messaging import (
     ERROR_MESSAGE_HEADER,
     ERROR_TYPE_HEADER,
     WORKER_QUEUE_NAME,
+    publish_confirmed,
     retry_queue,
 )
 from shared.models import JobStatus
@@ -255,23 +256,20 @@ class CampaignProcessor:
         Only our own headers travel: never the broker's ``x-death`` or ``x-delivery-count``.
         """
         raw = message.raw_message
-        timeout = self._settings.worker_publish_timeout_seconds
-        async with asyncio.timeout(timeout):
-            await self._broker.publish(
-                message.body,
-                exchange="",
-                routing_key=routing_key,
-                message_id=raw.message_id,
-                correlation_id=raw.correlation_id,
-                message_type=raw.type,
-                content_type=raw.content_type,
-                content_encoding=raw.content_encoding,
-                timestamp=raw.timestamp,
-                headers=headers,
-                persist=True,
-                mandatory=True,
-                timeout=timeout,
-            )
+        await publish_confirmed(
+            self._broker,
+            message.body,
+            exchange="",
+            routing_key=routing_key,
+            confirm_seconds=self._settings.worker_publish_timeout_seconds,
+            message_id=raw.message_id,
+            correlation_id=raw.correlation_id,
+            message_type=raw.type,
+            content_type=raw.content_type,
+            content_encoding=raw.content_encoding,
+            timestamp=raw.timestamp,
+            headers=headers,
+        )
 
     async def _requeue(self, message: RabbitMessage, reason: str, *, failed: bool = False) -> None:
         """Give a delivery back to the queue. RabbitMQ (4.3 and later) counts a ``reject``

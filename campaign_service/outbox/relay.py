@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session
 from campaign_service.metrics import CampaignMetrics
 from campaign_service.outbox.repository import PENDING_FLAG, OutboxRepository
 from campaign_service.settings import CampaignServiceSettings
+from shared.messaging import publish_confirmed
 from shared.models import OutboxMessage
 from shared.telemetry import context_from
 
@@ -175,16 +176,14 @@ class OutboxRelay:
     async def _publish(self, row: OutboxMessage) -> None:
         # In the trace of the request that wrote the row (each publish runs in its own task).
         context.attach(context_from(row.headers))
-        async with asyncio.timeout(self._publish_timeout):
-            await self._broker.publish(
-                row.payload,
-                exchange=row.exchange,
-                routing_key=row.routing_key,
-                message_id=str(row.id),
-                message_type=row.routing_key,
-                headers=dict(row.headers),
-                content_type="application/json",
-                persist=True,
-                mandatory=True,
-                timeout=self._publish_timeout,
-            )
+        await publish_confirmed(
+            self._broker,
+            row.payload,
+            exchange=row.exchange,
+            routing_key=row.routing_key,
+            confirm_seconds=self._publish_timeout,
+            message_id=str(row.id),
+            message_type=row.routing_key,
+            headers=dict(row.headers),
+            content_type="application/json",
+        )
