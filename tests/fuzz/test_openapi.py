@@ -21,6 +21,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from tests.support.processes import ServiceProcess
+from tests.support.rabbit import RabbitAdmin, new_vhost_name, vhost_url
 from tests.support.users import PASSWORD, new_private_key_pem
 
 CHECKS = [
@@ -32,11 +33,21 @@ CHECKS = [
 
 
 @pytest.fixture(scope="module")
+async def fuzz_vhost(rabbit_admin: RabbitAdmin) -> AsyncIterator[str]:
+    """A vhost of this module's own: the campaigns it creates publish events there, never to a
+    broker's shared default vhost (where a local worker would take them)."""
+    name = new_vhost_name("fuzz")
+    await rabbit_admin.create_vhost(name)
+    yield name
+    await rabbit_admin.delete_vhost(name)
+
+
+@pytest.fixture(scope="module")
 async def services(
-    database_url: str, tmp_path_factory: pytest.TempPathFactory
+    database_url: str, fuzz_vhost: str, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[dict[str, str]]:
     logs: Path = tmp_path_factory.mktemp("fuzz")
-    env = {"DATABASE_URL": database_url, "RABBITMQ_URL": "amqp://guest:guest@127.0.0.1:5672/"}
+    env = {"DATABASE_URL": database_url, "RABBITMQ_URL": vhost_url(fuzz_vhost)}
     user = ServiceProcess.web(
         "user_service.main:app", {**env, "JWT_PRIVATE_KEY": new_private_key_pem()}, logs / "u.log"
     )
