@@ -50,8 +50,12 @@ class KeyConfigurationError(RuntimeError):
 def public_keys_from_pem(text: str, *, setting: str) -> list[Key]:
     """The Ed25519 public keys in ``text``, one or more PEM blocks (as a setting holds them);
     a block that is not such a key stops the start, naming ``setting``."""
+    blocks = _PEM_BLOCK.findall(text)
+    if text.strip() and (not blocks or _PEM_BLOCK.sub("", text).strip()):
+        # Base64 without its armour, a block cut short: refused, not skipped.
+        raise KeyConfigurationError(f"{setting}: expected PEM blocks and nothing else")
     keys: list[Key] = []
-    for block in _PEM_BLOCK.findall(text):
+    for block in blocks:
         try:
             key = OKPKey.import_key(block)
         except Exception as exc:  # joserfc and cryptography raise several types for a bad PEM

@@ -123,6 +123,10 @@ class TestConfiguredKeys:
             "-----BEGIN PUBLIC KEY-----\nbm90IGEga2V5\n-----END PUBLIC KEY-----\n",
             # An EC P-256 key: a key, but not one tokens are signed with.
             ECKey.generate_key("P-256").as_pem(private=False).decode(),
+            # A key without its PEM armour, and a second block cut short.
+            "MCowBQYDK2VwAyEAGb9ECWmEzf6FQbrBZ9w7lshQhqowtrbLDFw4rXAxZuE=",
+            OKPKey.generate_key("Ed25519").as_pem(private=False).decode()
+            + "-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEA",
         ],
     )
     async def test_a_key_that_cannot_be_used_stops_the_start(
