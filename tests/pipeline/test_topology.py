@@ -8,6 +8,7 @@ from typing import Any
 
 import aio_pika
 import httpx
+import pytest
 from fastapi import FastAPI
 
 from campaign_service.app import create_app as create_campaign_app
@@ -132,3 +133,45 @@ class TestTopology:
             ready = await client.get("/ready")
 
         assert ready.json()["checks"] == {"database": "ok", "broker": "ok", "consumer": "ok"}
+
+
+class TestConflictingQueue:
+    async def test_a_queue_with_other_arguments_keeps_a_service_unready_until_replaced(
+        self,
+        database_url: str,
+        amqp_url: str,
+        user_client: httpx.AsyncClient,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        async def refusals() -> list[str]:
+            return [
+                str(getattr(record, "error", ""))
+                for record in caplog.records
+                if record.getMessage() == "broker setup failed, retrying"
+            ]
+
+        connection = await aio_pika.connect(amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            # As an older version left it: the same name, other arguments.
+            await channel.declare_queue(
+                "campaign.deadletter", durable=True, arguments={"x-queue-type": "quorum"}
+            )
+            campaigns = create_campaign_app(
+                make_campaign_settings(database_url, amqp_url), jwks_client=user_client
+            )
+            async with (
+                campaigns.router.lifespan_context(campaigns),
+                httpx.AsyncClient(
+                    transport=httpx.ASGITransport(app=campaigns), base_url="http://c"
+                ) as client,
+            ):
+                [reason, *_] = await eventually(refusals, what="the broker's refusal logged")
+                refused = await client.get("/ready")
+                await channel.queue_delete("campaign.deadletter")  # the documented way out
+
+                await wait_ready(campaigns, timeout=30)
+
+        assert "PRECONDITION_FAILED" in reason
+        assert refused.status_code == 503
+        assert refused.json()["checks"]["broker"] == "unreachable"
