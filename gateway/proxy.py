@@ -67,7 +67,8 @@ _ESCAPES = re.compile(r"(^|/)(\.|%2e){1,2}(/|$)|%2f|%5c|\\", re.IGNORECASE)
 
 # Printable ASCII passes as is (percent-escapes included); any other byte is percent-encoded, so
 # a path or query sent with raw UTF-8 (as curl does) reaches the upstream with the same meaning.
-_URL_SAFE = "".join(chr(code) for code in range(0x21, 0x7F))
+# "#" and "?" are encoded too: inside a path or a query they would end it for the upstream client.
+_URL_SAFE = "".join(chr(code) for code in range(0x21, 0x7F) if chr(code) not in "#?")
 
 
 def url_part(raw: bytes) -> str:

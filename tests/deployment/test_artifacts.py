@@ -206,7 +206,7 @@ class TestImage:
 
     def test_gateway_drops_idle_connections_before_the_services_close_them(self) -> None:
         # The services run uvicorn with its default keep-alive timeout, in the image and locally.
-        for script in ("docker/start", "scripts/run-local"):
+        for script in ("docker/start", "scripts/run-local", "docker-compose.yml"):
             assert "--timeout-keep-alive" not in (ROOT / script).read_text(), script
         services_keep_alive = uvicorn.Config(app=None).timeout_keep_alive  # type: ignore[arg-type]
         expiry = GatewaySettings.model_fields["gateway_keepalive_expiry_seconds"].default

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import secrets
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -43,7 +44,7 @@ def _lower_priority(niceness: int) -> None:
     the loop leaves over, and the loop answers every other request without waiting for a core
     (argon2 releases the GIL, so the CPU is what they would share). Linux schedules threads
     one by one; elsewhere this is a no-op."""
-    if niceness and hasattr(os, "setpriority"):
+    if niceness and sys.platform.startswith("linux"):
         thread = threading.get_native_id()
         with contextlib.suppress(OSError):
             current = os.getpriority(os.PRIO_PROCESS, thread)
