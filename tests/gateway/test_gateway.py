@@ -122,6 +122,11 @@ async def echo() -> AsyncIterator[tuple[Echo, str]]:
         yield upstream, url
 
 
+def echo_routes(url: str) -> list[RouteConfig]:
+    """The echo upstream under /api/echo, at its root."""
+    return [RouteConfig(name="echo", prefix="/api/echo", upstream=url)]
+
+
 def assert_gateway_error(response: httpx.Response, status: int, error: str, path: str) -> None:
     assert response.status_code == status, response.text
     body = response.json()
@@ -230,10 +235,7 @@ class TestForwarding:
 
     async def test_response_status_and_headers_come_back(self, echo: tuple[Echo, str]) -> None:
         _, url = echo
-        async with gateway([RouteConfig(name="echo", prefix="/api/echo", upstream=url)]) as (
-            client,
-            _,
-        ):
+        async with gateway(echo_routes(url)) as (client, _):
             response = await client.post("/api/echo/x", headers={"x-status": "418"})
 
         assert response.status_code == 418
@@ -352,10 +354,7 @@ class TestEdge:
         self, echo: tuple[Echo, str], location: str, public: str
     ) -> None:
         _, url = echo
-        async with gateway([RouteConfig(name="echo", prefix="/api/echo", upstream=url)]) as (
-            client,
-            _,
-        ):
+        async with gateway(echo_routes(url)) as (client, _):
             response = await client.get(
                 "/api/echo/base/redirect", params={"to": location.format(url=url)}
             )
@@ -379,10 +378,7 @@ class TestEdge:
         self, echo: tuple[Echo, str], path: str
     ) -> None:
         upstream, url = echo
-        async with gateway([RouteConfig(name="echo", prefix="/api/echo", upstream=url)]) as (
-            client,
-            _,
-        ):
+        async with gateway(echo_routes(url)) as (client, _):
             response = await client.get(path)
 
         assert_gateway_error(response, 404, "not_found", unquote(path))
@@ -392,10 +388,7 @@ class TestEdge:
         self, echo: tuple[Echo, str]
     ) -> None:
         upstream, url = echo
-        async with gateway([RouteConfig(name="echo", prefix="/api/echo", upstream=url)]) as (
-            client,
-            _,
-        ):
+        async with gateway(echo_routes(url)) as (client, _):
             await client.get("/api/echo/caf%C3%A9%20bar")
 
         assert upstream.requests[0]["path"] == "/café bar"
@@ -404,10 +397,7 @@ class TestEdge:
         self, echo: tuple[Echo, str]
     ) -> None:
         upstream, url = echo
-        async with gateway([RouteConfig(name="echo", prefix="/api/echo", upstream=url)]) as (
-            client,
-            _,
-        ):
+        async with gateway(echo_routes(url)) as (client, _):
             response = await client.get("/api/echo/x", headers={b"x-name": "Zoë".encode()})
 
         assert response.status_code == 200
@@ -418,10 +408,7 @@ class TestEdge:
         self, echo: tuple[Echo, str]
     ) -> None:
         _, url = echo
-        async with gateway([RouteConfig(name="echo", prefix="/api/echo", upstream=url)]) as (
-            client,
-            _,
-        ):
+        async with gateway(echo_routes(url)) as (client, _):
             response = await client.get("/api/echo/utf8-header")
 
         assert response.status_code == 200
@@ -458,10 +445,7 @@ class TestEdge:
 class TestErrors:
     async def test_no_route(self, echo: tuple[Echo, str]) -> None:
         _, url = echo
-        async with gateway([RouteConfig(name="echo", prefix="/api/echo", upstream=url)]) as (
-            client,
-            _,
-        ):
+        async with gateway(echo_routes(url)) as (client, _):
             response = await client.get("/api/unknown/x")
             lookalike = await client.get("/api/echoes")  # a prefix matches whole segments
 
