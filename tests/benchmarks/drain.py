@@ -3,6 +3,8 @@ success rows exist, for the worker and for the bare loops it is measured against
 
 from __future__ import annotations
 
+import json
+import uuid
 from typing import Any
 
 from tests.benchmarks.harness import (
@@ -74,21 +76,60 @@ async def baseline_drain(bench: Bench, mode: str, events: int) -> dict[str, Any]
     )
 
 
+async def framework_drain(bench: Bench, events: int, *, tracing: bool) -> dict[str, Any]:
+    """The FastStream subscriber that only acknowledges: the floor under the worker's cost."""
+    await purge_worker_queue(bench)
+    await queue_events(bench, [uuid.uuid4() for _ in range(events)])
+    args = ["--count", str(events), *(["--tracing"] if tracing else [])]
+    process = Process(
+        "framework-tracing" if tracing else "framework",
+        python("-m", "tests.benchmarks.framework_consumer", *args),
+        bench.env(),
+        bench.logs,
+    )
+    await process.start()
+    try:
+        await process.wait(timeout=max(120, events / 100))
+    finally:
+        await process.stop()
+    # Its report is its last line of that form (the log file also holds any warnings).
+    lines = process.log_path.read_text().splitlines()
+    report = json.loads(next(line for line in reversed(lines) if line.startswith('{"events"')))
+    return {
+        "events": report["events"],
+        "seconds": report["seconds"],
+        "events_per_second": report["events"] / report["seconds"],
+        "rss_mib": None,
+    }
+
+
 async def run(bench: Bench, events: int) -> dict[str, Any]:
     await declare_topology(bench)
     batched = await baseline_drain(bench, "batched", events)
     naive = await baseline_drain(bench, "naive", events)
+    framework = await framework_drain(bench, events, tracing=False)
+    framework_traced = await framework_drain(bench, events, tracing=True)
     worker = await worker_drain(bench, events)
     rows = [
         {"consumer": "bare aio-pika, batched insert + ack multiple", **_row(batched, batched)},
         {"consumer": "bare aio-pika, one insert + one ack each", **_row(naive, batched)},
+        {"consumer": "FastStream subscriber, ack only (no row)", **_row(framework, batched)},
+        {
+            "consumer": "FastStream subscriber, ack only, tracing 100%",
+            **_row(framework_traced, batched),
+        },
         {"consumer": "worker (tracing 100%, metrics, logs)", **_row(worker, batched)},
     ]
     return {
         "batched": batched,
         "naive": naive,
+        "framework": framework,
+        "framework_tracing": framework_traced,
         "worker": worker,
         "worker_vs_batched": worker["events_per_second"] / batched["events_per_second"],
+        "worker_vs_framework_tracing": (
+            worker["events_per_second"] / framework_traced["events_per_second"]
+        ),
         "target": 0.6,
         "table": rows,
     }

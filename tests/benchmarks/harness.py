@@ -218,6 +218,13 @@ class Process:
                 return int(line.split()[1]) / 1024
         return None
 
+    async def wait(self, timeout: float) -> None:
+        """Until the process exits by itself; TimeoutError after ``timeout`` seconds."""
+        assert self.process is not None
+        returncode = await asyncio.wait_for(self.process.wait(), timeout)
+        if returncode != 0:
+            raise RuntimeError(f"{self.name} exited with {returncode}: see {self.log_path}")
+
     async def stop(self) -> None:
         if self.process is None or self.process.returncode is not None:
             return
