@@ -17,6 +17,8 @@ from shared.models import OutboxMessage
 _OUTBOX = cast(Table, OutboxMessage.__table__)
 # Set on a session that wrote an outbox row; the relay is woken when that session commits.
 PENDING_FLAG = "outbox_pending"
+# Built once, as the campaign's insert: the request path runs it with parameters only.
+_INSERT = insert(_OUTBOX)
 
 
 class OutboxRepository:
@@ -25,14 +27,15 @@ class OutboxRepository:
 
     async def add(self, event: CampaignCreated, *, headers: dict[str, str] | None = None) -> None:
         await self._session.execute(
-            insert(_OUTBOX).values(
-                id=event.event_id,
-                tenant_id=event.tenant_id,
-                exchange=CAMPAIGNS_EXCHANGE.name,
-                routing_key=event.event_type,
-                payload=event.model_dump(mode="json"),
-                headers=headers or {},
-            )
+            _INSERT,
+            {
+                "id": event.event_id,
+                "tenant_id": event.tenant_id,
+                "exchange": CAMPAIGNS_EXCHANGE.name,
+                "routing_key": event.event_type,
+                "payload": event.model_dump(mode="json"),
+                "headers": headers or {},
+            },
         )
         self._session.info[PENDING_FLAG] = True
 
