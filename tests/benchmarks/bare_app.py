@@ -2,7 +2,10 @@
 (campaign row + outbox row, one transaction) and the same page query, with asyncpg directly:
 no token, no tracing, no metrics, no ORM.
 
-    uvicorn tests.benchmarks.bare_app:app --port 8101
+With ``BARE_TRACING=true`` it is traced as the services are (the same HTTP instrumentation and
+asyncpg spans, sampled and exported): the floor that tracing alone leaves the services.
+
+    [BARE_TRACING=true] uvicorn tests.benchmarks.bare_app:app --port 8101
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from typing import Any
 import asyncpg
 from fastapi import FastAPI, Request
 from pydantic import BaseModel
+
+from shared.telemetry import configure_tracing, instrument_app
 
 TENANT = "bench"
 
@@ -37,6 +42,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 app = FastAPI(lifespan=lifespan)
+if os.environ.get("BARE_TRACING") == "true":
+    instrument_app(app, configure_tracing("bare"))
 
 
 @app.post("/campaigns", status_code=201)

@@ -90,11 +90,16 @@ async def settle(bench: Bench, *, drop_outbox: bool = False) -> None:
     for), and the tables the inserts grew are vacuumed and analysed now rather than by an
     autovacuum in the middle of the next run."""
     connection = await asyncpg.connect(bench.dsn)
-    try:
-        if drop_outbox:
+
+    async def pending() -> int:
+        if drop_outbox:  # again on every poll: requests wrk left in flight may still commit
             await connection.execute("DELETE FROM outbox")
+        count: int = await connection.fetchval("SELECT count(*) FROM outbox")
+        return count
+
+    try:
         await eventually(
-            lambda: connection.fetchval("SELECT count(*) FROM outbox"),
+            pending,
             until=lambda pending: pending == 0,
             timeout=120,
             interval=0.5,
@@ -108,18 +113,26 @@ async def settle(bench: Bench, *, drop_outbox: bool = False) -> None:
 async def run(bench: Bench) -> dict[str, Any]:
     results: dict[str, Any] = {}
 
-    # The limit: the bare app alone.
-    bare_port = free_port()
-    bare = Process(
-        "bare", uvicorn_args("tests.benchmarks.bare_app:app", bare_port), bench.env(), bench.logs
-    )
-    await bare.start()
-    await wait_http(f"http://127.0.0.1:{bare_port}/health")
-    bare_url = f"http://127.0.0.1:{bare_port}/campaigns"
-    results["bare_post"] = await wrk(bare_url, "post_campaign.lua")
-    await settle(bench, drop_outbox=True)
-    results["bare_get"] = await wrk(bare_url, "get_campaigns.lua")
-    await bare.stop()
+    # The limit: the bare app alone; then the same app traced as the services are.
+    for tracing, key in (("false", "bare"), ("true", "bare_traced")):
+        bare_port = free_port()
+        bare = Process(
+            f"{key}_app",
+            uvicorn_args("tests.benchmarks.bare_app:app", bare_port),
+            bench.env(BARE_TRACING=tracing),
+            bench.logs,
+        )
+        await bare.start()
+        try:
+            await wait_http(f"http://127.0.0.1:{bare_port}/health")
+            bare_url = f"http://127.0.0.1:{bare_port}/campaigns"
+            await settle(bench, drop_outbox=True)
+            results[f"{key}_post"] = await wrk(bare_url, "post_campaign.lua")
+            await settle(bench, drop_outbox=True)
+            results[f"{key}_get"] = await wrk(bare_url, "get_campaigns.lua")
+        finally:
+            await bare.stop()
+    await settle(bench, drop_outbox=True)  # rows of requests still in flight when wrk ended
 
     # The platform's services, as their containers run them.
     ports = {name: free_port() for name in ("user", "campaigns", "gateway")}
@@ -227,8 +240,10 @@ async def run(bench: Bench) -> dict[str, Any]:
     )
     results["table"] = [
         row("bare FastAPI: POST (same inserts)", "bare_post"),
+        row("bare FastAPI, traced as the services: POST", "bare_traced_post", "bare_post"),
         row("campaign_service: POST /campaigns", "service_post", "bare_post"),
         row("bare FastAPI: GET (same query)", "bare_get"),
+        row("bare FastAPI, traced as the services: GET", "bare_traced_get", "bare_get"),
         row("campaign_service: GET /campaigns", "service_get", "bare_get"),
         row("gateway -> campaign_service: GET", "gateway_get", "service_get"),
         row("gateway -> campaign_service: POST", "gateway_post", "service_post"),
