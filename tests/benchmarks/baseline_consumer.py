@@ -46,24 +46,25 @@ def row(message: aio_pika.abc.AbstractIncomingMessage) -> tuple[uuid.UUID, str, 
 async def batched(pool: asyncpg.Pool, queue: aio_pika.abc.AbstractQueue, count: int) -> None:
     batch_size, linger = 500, 0.005
     done = 0
-    async with queue.iterator() as messages:
-        buffer: list[aio_pika.abc.AbstractIncomingMessage] = []
-        iterator = messages.__aiter__()
-        while done < count:
-            try:
-                message = await asyncio.wait_for(iterator.__anext__(), timeout=linger)
-                buffer.append(message)
-                if len(buffer) < batch_size:
-                    continue
-            except TimeoutError:
-                if not buffer:
-                    continue
-            rows = [row(message) for message in buffer]
-            async with pool.acquire() as connection, connection.transaction():
-                await connection.execute(INSERT_MANY, *map(list, zip(*rows, strict=True)))
-            await buffer[-1].ack(multiple=True)
-            done += len(buffer)
-            buffer = []
+    # Deliveries go to a queue of our own: a timed-out wait on aio-pika's queue iterator would
+    # cancel it, and a cancelled iterator closes (its next call ends the loop).
+    deliveries: asyncio.Queue[aio_pika.abc.AbstractIncomingMessage] = asyncio.Queue()
+    await queue.consume(deliveries.put)
+    buffer: list[aio_pika.abc.AbstractIncomingMessage] = []
+    while done < count:
+        try:
+            buffer.append(await asyncio.wait_for(deliveries.get(), timeout=linger))
+            if len(buffer) < batch_size:
+                continue
+        except TimeoutError:
+            if not buffer:
+                continue
+        rows = [row(message) for message in buffer]
+        async with pool.acquire() as connection, connection.transaction():
+            await connection.execute(INSERT_MANY, *map(list, zip(*rows, strict=True)))
+        await buffer[-1].ack(multiple=True)
+        done += len(buffer)
+        buffer = []
 
 
 async def naive(pool: asyncpg.Pool, queue: aio_pika.abc.AbstractQueue, count: int) -> None:

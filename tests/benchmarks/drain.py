@@ -19,61 +19,56 @@ from tests.benchmarks.harness import (
     seed_campaigns,
     truncate_logs,
     wait_for_rows,
-    wait_http,
 )
 
 
 async def _drain(
     bench: Bench,
     name: str,
-    args: list[str],
-    env: dict[str, str],
+    commands: list[tuple[list[str], dict[str, str]]],
     events: int,
-    ready_url: str | None,
 ) -> dict[str, Any]:
+    """Queue ``events``, start one process per command (competing consumers), and time the
+    rows from the first to the last."""
     await truncate_logs(bench)
     await purge_worker_queue(bench)
     campaigns = await seed_campaigns(bench, events)
     await queue_events(bench, campaigns)
-    process = Process(name, args, env, bench.logs)
-    await process.start()
+    processes = [
+        Process(name if len(commands) == 1 else f"{name}-{n}", args, env, bench.logs)
+        for n, (args, env) in enumerate(commands)
+    ]
+    for process in processes:
+        await process.start()
     try:
-        if ready_url:
-            await wait_http(ready_url)
         await wait_for_rows(bench, events, timeout=max(120, events / 100))
         seconds = await processing_window(bench)
-        rss = process.rss_mib()
+        sizes = [process.rss_mib() for process in processes]
     finally:
-        await process.stop()
+        for process in processes:
+            await process.stop()
     return {
         "events": events,
         "seconds": seconds,
         "events_per_second": events / seconds,
-        "rss_mib": rss,
+        "rss_mib": None if None in sizes else sum(size or 0 for size in sizes),
     }
 
 
-async def worker_drain(bench: Bench, events: int, **env: str) -> dict[str, Any]:
-    port = free_port()
-    return await _drain(
-        bench,
-        "worker",
-        python("-m", "worker"),
-        bench.env(WORKER_METRICS_PORT=str(port), **env),
-        events,
-        None,
-    )
+async def worker_drain(
+    bench: Bench, events: int, *, processes: int = 1, **env: str
+) -> dict[str, Any]:
+    commands = [
+        (python("-m", "worker"), bench.env(WORKER_METRICS_PORT=str(free_port()), **env))
+        for _ in range(processes)
+    ]
+    return await _drain(bench, "worker", commands, events)
 
 
 async def baseline_drain(bench: Bench, mode: str, events: int) -> dict[str, Any]:
-    return await _drain(
-        bench,
-        f"baseline-{mode}",
-        python("-m", "tests.benchmarks.baseline_consumer", "--mode", mode, "--count", str(events)),
-        bench.env(),
-        events,
-        None,
-    )
+    args = ["--mode", mode, "--count", str(events)]
+    command = python("-m", "tests.benchmarks.baseline_consumer", *args)
+    return await _drain(bench, f"baseline-{mode}", [(command, bench.env())], events)
 
 
 async def framework_drain(bench: Bench, events: int, *, tracing: bool) -> dict[str, Any]:
@@ -110,6 +105,7 @@ async def run(bench: Bench, events: int) -> dict[str, Any]:
     framework = await framework_drain(bench, events, tracing=False)
     framework_traced = await framework_drain(bench, events, tracing=True)
     worker = await worker_drain(bench, events)
+    workers = await worker_drain(bench, events, processes=2)
     rows = [
         {"consumer": "bare aio-pika, batched insert + ack multiple", **_row(batched, batched)},
         {"consumer": "bare aio-pika, one insert + one ack each", **_row(naive, batched)},
@@ -119,6 +115,7 @@ async def run(bench: Bench, events: int) -> dict[str, Any]:
             **_row(framework_traced, batched),
         },
         {"consumer": "worker (tracing 100%, metrics, logs)", **_row(worker, batched)},
+        {"consumer": "worker, 2 processes (competing consumers)", **_row(workers, batched)},
     ]
     return {
         "batched": batched,
@@ -126,6 +123,7 @@ async def run(bench: Bench, events: int) -> dict[str, Any]:
         "framework": framework,
         "framework_tracing": framework_traced,
         "worker": worker,
+        "workers_2": workers,
         "worker_vs_batched": worker["events_per_second"] / batched["events_per_second"],
         "worker_vs_framework_tracing": (
             worker["events_per_second"] / framework_traced["events_per_second"]
