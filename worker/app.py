@@ -8,13 +8,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
+from typing import Any
 
 from fastapi import FastAPI
 from faststream import AckPolicy
+from faststream._internal.types import BrokerMiddleware
+from faststream.rabbit import RabbitBroker
 from faststream.rabbit.message import RabbitMessage
+from faststream.rabbit.subscriber import RabbitSubscriber
 from prometheus_client import CollectorRegistry
 
 from shared.db import create_engine, ping
@@ -39,6 +43,33 @@ from worker.store import JobLogStore
 logger = logging.getLogger(__name__)
 
 
+def create_worker_broker(
+    settings: WorkerSettings, *, app_id: str, middlewares: Sequence[BrokerMiddleware[Any, Any]]
+) -> RabbitBroker:
+    """The worker's broker: bounded prefetch, confirms, no dependency injection."""
+    return create_broker(
+        settings.rabbitmq_url,
+        app_id=app_id,
+        prefetch=settings.worker_prefetch,
+        graceful_timeout=settings.worker_graceful_timeout_seconds,
+        reconnect_seconds=settings.rabbitmq_reconnect_seconds,
+        middlewares=middlewares,
+        apply_types=False,
+    )
+
+
+def subscribe_worker_queue(broker: RabbitBroker) -> RabbitSubscriber:
+    """The worker's subscription: its queue, bound to ``campaigns``; every delivery is settled
+    by the handler itself, which gets the message as it came."""
+    return broker.subscriber(
+        WORKER_QUEUE,
+        CAMPAIGNS_EXCHANGE,
+        ack_policy=AckPolicy.MANUAL,
+        no_reply=True,
+        decoder=the_message_itself,
+    )
+
+
 def create_app(settings: WorkerSettings | None = None) -> FastAPI:
     settings = settings or WorkerSettings()
     configure_logging(settings)
@@ -53,14 +84,8 @@ def create_app(settings: WorkerSettings | None = None) -> FastAPI:
             engine = create_engine(settings, application_name=settings.service_name)
             cleanup.push_async_callback(engine.dispose)
             stopping = asyncio.Event()
-            broker = create_broker(
-                settings.rabbitmq_url,
-                app_id=settings.service_name,
-                prefetch=settings.worker_prefetch,
-                graceful_timeout=settings.worker_graceful_timeout_seconds,
-                reconnect_seconds=settings.rabbitmq_reconnect_seconds,
-                middlewares=[RabbitTracing(tracing)],
-                apply_types=False,
+            broker = create_worker_broker(
+                settings, app_id=settings.service_name, middlewares=[RabbitTracing(tracing)]
             )
             store = JobLogStore(
                 engine,
@@ -74,13 +99,7 @@ def create_app(settings: WorkerSettings | None = None) -> FastAPI:
             processor = CampaignProcessor(
                 broker=broker, store=store, settings=settings, metrics=metrics, stopping=stopping
             )
-            subscriber = broker.subscriber(
-                WORKER_QUEUE,
-                CAMPAIGNS_EXCHANGE,
-                ack_policy=AckPolicy.MANUAL,
-                no_reply=True,
-                decoder=the_message_itself,
-            )
+            subscriber = subscribe_worker_queue(broker)
 
             @subscriber
             async def on_campaign_created(message: RabbitMessage) -> None:

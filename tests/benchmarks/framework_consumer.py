@@ -1,5 +1,5 @@
-"""The framework's own floor: a FastStream subscriber set up exactly as the worker's (same broker
-factory, queue, manual acks, no dependency injection, the same prefetch) whose handler only
+"""The framework's own floor: a FastStream subscriber set up by the worker's own functions (same
+broker, queue, manual acks, no dependency injection, prefetch) whose handler only
 acknowledges. No database, no logs, no metrics. With ``--tracing`` the worker's telemetry
 middleware is on, sampling and exporting every message as the worker does.
 
@@ -19,11 +19,10 @@ import asyncio
 import json
 import time
 
-from faststream import AckPolicy
 from faststream.rabbit.message import RabbitMessage
 
-from shared.messaging import CAMPAIGNS_EXCHANGE, WORKER_QUEUE, create_broker, the_message_itself
 from shared.telemetry import RabbitTracing, configure_tracing
+from worker.app import create_worker_broker, subscribe_worker_queue
 from worker.settings import WorkerSettings
 
 
@@ -34,24 +33,12 @@ async def main() -> None:
     args = parser.parse_args()
     settings = WorkerSettings()
     middlewares = [RabbitTracing(configure_tracing("framework-consumer"))] if args.tracing else []
-    broker = create_broker(
-        settings.rabbitmq_url,
-        app_id="framework-consumer",
-        prefetch=settings.worker_prefetch,
-        middlewares=middlewares,
-        apply_types=False,
-    )
+    broker = create_worker_broker(settings, app_id="framework-consumer", middlewares=middlewares)
     done = asyncio.Event()
     acked = 0
     first = 0.0
 
-    @broker.subscriber(
-        WORKER_QUEUE,
-        CAMPAIGNS_EXCHANGE,
-        ack_policy=AckPolicy.MANUAL,
-        no_reply=True,
-        decoder=the_message_itself,
-    )
+    @subscribe_worker_queue(broker)
     async def acknowledge(message: RabbitMessage) -> None:
         nonlocal acked, first
         if acked == 0:
