@@ -109,9 +109,9 @@ async def run(bench: Bench, events: int) -> dict[str, Any]:
     rows = [
         {"consumer": "bare aio-pika, batched insert + ack multiple", **_row(batched, batched)},
         {"consumer": "bare aio-pika, one insert + one ack each", **_row(naive, batched)},
-        {"consumer": "FastStream subscriber, ack only (no row)", **_row(framework, batched)},
+        {"consumer": "FastStream subscriber, ack only, no row", **_row(framework, batched)},
         {
-            "consumer": "FastStream subscriber, ack only, tracing 100%",
+            "consumer": "FastStream subscriber, ack only, no row, tracing 100%",
             **_row(framework_traced, batched),
         },
         {"consumer": "worker (tracing 100%, metrics, logs)", **_row(worker, batched)},
