@@ -1,7 +1,7 @@
-"""The worker process: consumes ``worker.campaign.created`` and serves /health, /ready and
-/metrics on the metrics port. Its lifespan owns the broker: connect (retrying until RabbitMQ
-answers), declare the topology, consume; on shutdown stop consuming, let the messages in hand
-finish (or requeue them), then close."""
+"""The worker process: consumes ``worker.campaign.created`` in batches and serves /health,
+/ready and /metrics on the metrics port. Its lifespan owns the broker: connect (retrying until
+RabbitMQ answers), declare the topology, consume; on shutdown stop consuming, let the batch in
+hand finish, give back what was prefetched, then close."""
 
 from __future__ import annotations
 
@@ -14,27 +14,23 @@ from functools import partial
 from typing import Any
 
 from fastapi import FastAPI
-from faststream import AckPolicy
 from faststream._internal.types import BrokerMiddleware
 from faststream.rabbit import RabbitBroker
-from faststream.rabbit.message import RabbitMessage
-from faststream.rabbit.subscriber import RabbitSubscriber
 from prometheus_client import CollectorRegistry
 
 from shared.db import create_engine, ping
 from shared.logs import configure_logging
 from shared.messaging import (
-    CAMPAIGNS_EXCHANGE,
     WORKER_QUEUE,
     BrokerStartup,
     create_broker,
     declare_core,
     declare_retry_ladder,
-    the_message_itself,
 )
 from shared.metrics import metrics_router
 from shared.telemetry import NO_NATIVE_TELEMETRY, RabbitTracing, configure_tracing
 from shared.web import ReadinessCheck, health_router
+from worker.consumer import BatchConsumer
 from worker.metrics import WorkerMetrics
 from worker.processing import CampaignProcessor
 from worker.settings import WorkerSettings
@@ -46,7 +42,8 @@ logger = logging.getLogger(__name__)
 def create_worker_broker(
     settings: WorkerSettings, *, app_id: str, middlewares: Sequence[BrokerMiddleware[Any, Any]]
 ) -> RabbitBroker:
-    """The worker's broker: bounded prefetch, confirms, no dependency injection."""
+    """The worker's broker: bounded prefetch on its channel, confirms, no dependency
+    injection (it has no FastStream subscriber: :class:`BatchConsumer` consumes)."""
     return create_broker(
         settings.rabbitmq_url,
         app_id=app_id,
@@ -55,18 +52,6 @@ def create_worker_broker(
         reconnect_seconds=settings.rabbitmq_reconnect_seconds,
         middlewares=middlewares,
         apply_types=False,
-    )
-
-
-def subscribe_worker_queue(broker: RabbitBroker) -> RabbitSubscriber:
-    """The worker's subscription: its queue, bound to ``campaigns``; every delivery is settled
-    by the handler itself, which gets the message as it came."""
-    return broker.subscriber(
-        WORKER_QUEUE,
-        CAMPAIGNS_EXCHANGE,
-        ack_policy=AckPolicy.MANUAL,
-        no_reply=True,
-        decoder=the_message_itself,
     )
 
 
@@ -91,29 +76,28 @@ def create_app(settings: WorkerSettings | None = None) -> FastAPI:
                 engine,
                 retry_max_seconds=settings.worker_db_retry_max_seconds,
                 stopping=stopping,
-                max_batch=settings.worker_db_batch_max,
-                writers=settings.worker_db_writers,
             )
-            store.start()
-            cleanup.push_async_callback(store.stop)  # after the broker: handlers need it
+            cleanup.push_async_callback(store.stop)  # after the broker: batches need it
             processor = CampaignProcessor(
                 broker=broker, store=store, settings=settings, metrics=metrics, stopping=stopping
             )
-            subscriber = subscribe_worker_queue(broker)
-
-            @subscriber
-            async def on_campaign_created(message: RabbitMessage) -> None:
-                await processor.handle(message)
+            consumer = BatchConsumer(
+                processor.handle_batch,
+                requeue=processor.requeue,
+                max_batch=settings.worker_batch_max,
+            )
 
             async def set_up_broker() -> None:
                 await declare_core(broker)
                 await declare_retry_ladder(broker, settings.retry_delays_in_use)
                 await broker.start()
+                await consumer.start(await broker.declare_queue(WORKER_QUEUE))
                 logger.info(
                     "consuming",
                     extra={
                         "queue": WORKER_QUEUE.name,
                         "prefetch": settings.worker_prefetch,
+                        "batch_max": settings.worker_batch_max,
                         "concurrency": settings.concurrency,
                     },
                 )
@@ -121,7 +105,8 @@ def create_app(settings: WorkerSettings | None = None) -> FastAPI:
             async def stop_consuming() -> None:
                 logger.info("stopping: no new deliveries; finishing the ones in hand")
                 stopping.set()  # messages waiting for the database are requeued, not held
-                await broker.stop()  # waits for the handlers in hand
+                await consumer.stop(graceful_timeout=settings.worker_graceful_timeout_seconds)
+                await broker.stop()
                 logger.info("stopped")
 
             cleanup.push_async_callback(stop_consuming)
@@ -131,7 +116,7 @@ def create_app(settings: WorkerSettings | None = None) -> FastAPI:
 
             app.state.engine = engine
             app.state.broker_startup = startup
-            app.state.subscriber = subscriber
+            app.state.consumer = consumer
             yield
 
     app = FastAPI(
@@ -143,7 +128,7 @@ def create_app(settings: WorkerSettings | None = None) -> FastAPI:
     )
 
     async def consuming() -> None:
-        if not app.state.subscriber.running:
+        if not app.state.consumer.running:
             raise ConnectionError("not consuming")
 
     def readiness() -> dict[str, ReadinessCheck]:

@@ -1,5 +1,5 @@
-"""What the worker does with one ``campaign.created`` delivery. Every path settles the message
-explicitly, and only after its row is written:
+"""What the worker does with a batch of ``campaign.created`` deliveries. Every delivery is
+settled explicitly, and only after its row is written:
 
 - success: row ``success`` -> ack;
 - failure with attempts left: row ``retry`` -> republish to the delay queue of that attempt
@@ -9,6 +9,12 @@ explicitly, and only after its row is written:
   executing anything;
 - an event whose ``success`` row exists: ack without running it again.
 
+A batch costs one query before execution (which events are done, which name no campaign of
+their tenant), one insert after it for all its rows, and one ``basic.ack(multiple=True)``: the
+consumer hands over batches in delivery order, one at a time, and every delivery the batch does
+not acknowledge (rejected, requeued) is settled before that ack, so the ack covers exactly the
+batch's own acknowledged deliveries.
+
 Dead-lettering with the reason attached: a nack cannot add headers, so the worker republishes
 the message (same body, ``message_id`` and properties) to its own queue with the error's type
 and message, the attempt count and a mark, acks the original, and rejects the marked copy when it
@@ -16,17 +22,27 @@ arrives. The broker dead-letters that copy to ``campaign.deadletter``, adding ``
 
 The attempt count lives in ``x-attempt``; the broker's ``x-death`` is never copied onto a
 republished message (a broker drops a message it takes for a dead-letter cycle).
+
+Each delivery has its own process span, a child of the publish span whose W3C context came in
+the AMQP headers, so one trace follows each campaign; every line logged for a delivery carries
+its trace and its ids.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
+from aio_pika.abc import AbstractIncomingMessage
+from aio_pika.exceptions import ChannelInvalidStateError
 from faststream.rabbit import RabbitBroker
-from faststream.rabbit.message import RabbitMessage
 from opentelemetry import trace
+from opentelemetry.semconv.trace import SpanAttributes
 from pydantic import ValidationError
 
 from shared.events import CampaignCreated
@@ -41,13 +57,14 @@ from shared.messaging import (
     retry_queue,
 )
 from shared.models import JobStatus
-from shared.telemetry import current_trace_id
+from shared.telemetry import context_from
 from worker.metrics import Outcome, WorkerMetrics
 from worker.settings import WorkerSettings
 from worker.simulation import execute
-from worker.store import JobLogStore, Recorded, ShuttingDown, Standing
+from worker.store import JobLogStore, JobRow, Recorded, ShuttingDown, Standing
 
 logger = logging.getLogger(__name__)
+tracer = trace.get_tracer(__name__)
 
 _ERROR_MESSAGE_LIMIT = 1000
 
@@ -69,6 +86,53 @@ def describe(error: BaseException) -> tuple[str, str]:
     return type(error).__name__, str(error)[:_ERROR_MESSAGE_LIMIT]
 
 
+def _process_span(message: AbstractIncomingMessage) -> trace.Span:
+    """The delivery's process span, named and described as FastStream's telemetry names its
+    own (``<exchange>.<routing key> process``), in the trace the publisher started."""
+    exchange = message.exchange or "default"
+    return tracer.start_span(
+        f"{exchange}.{message.routing_key} process",
+        context=context_from(message.headers),
+        kind=trace.SpanKind.CONSUMER,
+        attributes={
+            SpanAttributes.MESSAGING_SYSTEM: "rabbitmq",
+            SpanAttributes.MESSAGING_OPERATION: "process",
+            SpanAttributes.MESSAGING_MESSAGE_ID: message.message_id or "",
+            SpanAttributes.MESSAGING_MESSAGE_PAYLOAD_SIZE_BYTES: len(message.body),
+            SpanAttributes.MESSAGING_RABBITMQ_DESTINATION_ROUTING_KEY: message.routing_key or "",
+            "messaging.destination_publish.name": message.exchange or "",
+        },
+    )
+
+
+@dataclass(slots=True, eq=False)
+class _Delivery:
+    """One delivery of the batch, its span and, once decided, how it is settled."""
+
+    message: AbstractIncomingMessage
+    span: trace.Span
+    attempt: int
+    event: CampaignCreated | None = None
+    outcome: Outcome | None = None
+    error: tuple[str, str] | None = None  # the failure's type and message, to send on
+    settled: bool = False
+    lines: list[tuple[int, str, dict[str, Any]]] = field(default_factory=list)
+
+    @property
+    def trace_id(self) -> str | None:
+        context = self.span.get_span_context()
+        return format(context.trace_id, "032x") if context.is_valid else None
+
+    def log(self, level: int, message: str, **extra: Any) -> None:
+        """A line to log for this delivery once the batch is settled, with its trace and ids."""
+        self.lines.append((level, message, extra))
+
+
+def _event(delivery: _Delivery) -> CampaignCreated:
+    assert delivery.event is not None, "only valid events get this far"
+    return delivery.event
+
+
 class CampaignProcessor:
     def __init__(
         self,
@@ -86,202 +150,313 @@ class CampaignProcessor:
         self._stopping = stopping
         self._slots = asyncio.Semaphore(settings.concurrency)
 
-    async def handle(self, message: RabbitMessage) -> None:
-        span = trace.get_current_span()  # the process span of FastStream's telemetry middleware
-        async with self._slots:
+    async def handle_batch(self, messages: Sequence[AbstractIncomingMessage]) -> None:
+        started = time.perf_counter()
+        batch = [
+            _Delivery(message, _process_span(message), attempt_of(message.headers))
+            for message in messages
+        ]
+        self._metrics.in_flight.inc(len(batch))
+        try:
+            await self._settle(batch)
+        finally:
+            self._metrics.in_flight.dec(len(batch))
+            elapsed = time.perf_counter() - started
+            for delivery in batch:
+                self._finish(delivery, elapsed)
+
+    async def requeue(self, messages: Sequence[AbstractIncomingMessage]) -> None:
+        """Give back deliveries prefetched but not started when the worker stops."""
+        for message in messages:
+            await _give_back(message, "worker stopping", failed=False)
+        self._metrics.messages.labels(Outcome.REQUEUED.value).inc(len(messages))
+
+    async def _settle(self, batch: list[_Delivery]) -> None:
+        try:
             if self._stopping.is_set():
                 # Prefetched but not started when the worker was told to stop: give it back.
-                await self._requeue(message, "worker stopping")
-                self._metrics.messages.labels(Outcome.REQUEUED.value).inc()
+                await self._give_back_all(batch, "worker stopping")
                 return
-            if message.headers.get(DEAD_LETTER_MARK_HEADER):
-                # Our own copy, carrying the final error: the broker moves it to the DLX.
-                await message.reject(requeue=False)
-                self._metrics.dead_lettered.inc()
-                span.add_event(
-                    "dead-lettered", {"messaging.destination.name": "campaign.deadletter"}
-                )
-                return
-            self._metrics.in_flight.inc()
-            try:
-                with self._metrics.processing_duration.time():
-                    outcome = await self._settle(message)
-            finally:
-                self._metrics.in_flight.dec()
-            self._metrics.messages.labels(outcome.value).inc()
-            span.set_attribute("campaign.outcome", outcome.value)
-
-    async def _settle(self, message: RabbitMessage) -> Outcome:
-        try:
-            return await self._handle(message)
+            await self._process(batch)
         except ShuttingDown:
-            await self._requeue(message, "worker stopping")
+            await self._give_back_all(batch, "worker stopping")
         except Exception:
-            # Unexpected (a bug, a publish that failed): give the message back, after a pause
-            # so a persistent fault does not spin. The queue's delivery limit dead-letters a
-            # message that keeps failing this way: the give-back counts as a failed delivery.
+            # Unexpected (a bug, the database refusing a row): give the messages back, after a
+            # pause so a persistent fault does not spin. The queue's delivery limit dead-letters
+            # a message that keeps failing this way: the give-back counts as a failed delivery.
             logger.exception("processing failed unexpectedly; requeueing")
             await asyncio.sleep(1.0)
-            await self._requeue(message, "unexpected error", failed=True)
-        return Outcome.REQUEUED
+            await self._give_back_all(batch, "unexpected error", failed=True)
 
-    async def _handle(self, message: RabbitMessage) -> Outcome:
-        attempt = attempt_of(message.headers)
+    async def _process(self, batch: list[_Delivery]) -> None:
+        to_check = [delivery for delivery in batch if await self._admit(delivery)]
+
+        standings = await self._store.standings([_event(d) for d in to_check])
+        to_execute = []
+        for delivery, standing in zip(to_check, standings, strict=True):
+            if standing is Standing.DONE:
+                delivery.outcome = Outcome.DUPLICATE
+                delivery.log(logging.INFO, "event already processed; acknowledged")
+            elif standing is Standing.UNKNOWN_CAMPAIGN:
+                _unknown_campaign(delivery)
+            else:
+                to_execute.append(delivery)
+
+        errors = await asyncio.gather(*(self._execute(d) for d in to_execute))
+        rows = [self._row(d, error) for d, error in zip(to_execute, errors, strict=True)]
+        if rows:
+            recorded = await self._store.record(rows, traces=[d.span for d in to_execute])
+            for delivery, row, outcome in zip(to_execute, rows, recorded, strict=True):
+                self._decide(delivery, row, outcome)
+
+        await self._republish_all([d for d in batch if not d.settled])
+        await _ack_all([d for d in batch if not d.settled])
+
+    async def _admit(self, delivery: _Delivery) -> bool:
+        """Whether the delivery is an event to check and execute; anything else is settled or
+        marked for the dead-letter queue here."""
+        message = delivery.message
+        if message.headers.get(DEAD_LETTER_MARK_HEADER):
+            # Our own copy, carrying the final error: the broker moves it to the DLX.
+            await _reject(delivery)
+            self._metrics.dead_lettered.inc()
+            delivery.span.add_event(
+                "dead-lettered", {"messaging.destination.name": "campaign.deadletter"}
+            )
+            return False
         try:
             event = CampaignCreated.model_validate_json(message.body)
         except ValidationError as exc:
-            logger.error(
+            delivery.outcome = Outcome.POISON
+            delivery.error = describe(PoisonMessage(str(exc)))
+            delivery.log(
+                logging.ERROR,
                 "malformed message dead-lettered",
-                extra={"message_id": message.message_id, "error": describe(exc)[1]},
+                message_id=message.message_id,
+                error=describe(exc)[1],
             )
-            await self._dead_letter(message, attempt, PoisonMessage(str(exc)))
-            return Outcome.POISON
-        trace.get_current_span().set_attributes(
+            return False
+        delivery.event = event
+        delivery.span.set_attributes(
             {
                 "campaign.id": str(event.campaign_id),
                 "campaign.event_id": str(event.event_id),
-                "campaign.attempt": attempt,
+                "campaign.attempt": delivery.attempt,
                 "tenant.id": event.tenant_id,
             }
         )
-        # Every line logged while this event is handled carries its ids.
+        return True
+
+    async def _execute(self, delivery: _Delivery) -> Exception | None:
+        """Execute the campaign (in its delivery's trace): its error, or None."""
+        async with self._slots:
+            with _scope(delivery):
+                try:
+                    await execute(
+                        _event(delivery),
+                        attempt=delivery.attempt,
+                        work_seconds=self._settings.worker_simulated_work_seconds,
+                    )
+                except Exception as exc:  # the campaign's execution failed, whatever the reason
+                    return exc
+        return None
+
+    def _row(self, delivery: _Delivery, error: Exception | None) -> JobRow:
+        event = _event(delivery)
+        if error is None:
+            return JobRow(event, JobStatus.SUCCESS, delivery.attempt, None, delivery.trace_id)
+        delivery.error = describe(error)
+        last_attempt = delivery.attempt >= self._settings.worker_max_attempts
+        status = JobStatus.FAILED if last_attempt else JobStatus.RETRY
+        error_type, error_message = delivery.error
+        return JobRow(
+            event, status, delivery.attempt, f"{error_type}: {error_message}", delivery.trace_id
+        )
+
+    def _decide(self, delivery: _Delivery, row: JobRow, recorded: Recorded) -> None:
+        """How a delivery whose row was written (or found) is settled."""
+        if recorded is Recorded.UNKNOWN_CAMPAIGN:
+            _unknown_campaign(delivery)
+        elif row.status is JobStatus.SUCCESS:
+            redelivered = delivery.message.redelivered
+            if recorded is Recorded.ALREADY_THERE:
+                delivery.outcome = Outcome.DUPLICATE
+                delivery.log(
+                    logging.INFO,
+                    "event processed by another delivery; acknowledged",
+                    redelivered=redelivered,
+                )
+            else:
+                delivery.outcome = Outcome.SUCCESS
+                delivery.log(logging.INFO, "campaign executed", redelivered=redelivered)
+        elif row.status is JobStatus.FAILED:
+            delivery.outcome = Outcome.FAILED
+            delivery.log(logging.WARNING, "campaign failed on its last attempt; dead-lettering")
+        else:
+            delivery.outcome = Outcome.RETRY
+            delivery.log(
+                logging.INFO,
+                "campaign failed; retrying",
+                retry_in_seconds=self._settings.retry_delay(delivery.attempt),
+                error=delivery.error[1] if delivery.error else None,
+            )
+
+    async def _republish_all(self, batch: list[_Delivery]) -> None:
+        """The copies retries and dead letters need, all confirmed before any original is
+        acknowledged. An original whose copy could not be sent (the broker refused it, or did
+        not confirm in time) is given back instead."""
+        copies = [(d, copy) for d in batch if (copy := self._copy(d)) is not None]
+        if not copies:
+            return
+        results = await asyncio.gather(
+            *(self._republish(d, *copy) for d, copy in copies), return_exceptions=True
+        )
+        failed = []
+        for (delivery, _), result in zip(copies, results, strict=True):
+            if isinstance(result, BaseException):
+                logger.error(
+                    "could not republish; requeueing",
+                    extra={"message_id": delivery.message.message_id, "error": repr(result)},
+                )
+                failed.append(delivery)
+        if failed:
+            await asyncio.sleep(1.0)  # a broker that refused just now would refuse again
+            await self._give_back_all(failed, "republish failed", failed=True)
+
+    def _copy(self, delivery: _Delivery) -> tuple[str, dict[str, Any]] | None:
+        """The queue the delivery's copy goes to, and its headers; None when it needs none."""
+        error_type, error_message = delivery.error or ("", "")
+        if delivery.outcome is Outcome.RETRY:
+            delay = self._settings.retry_delay(delivery.attempt)
+            return retry_queue(delay).name, {
+                ATTEMPT_HEADER: delivery.attempt + 1,
+                ERROR_TYPE_HEADER: error_type,
+                ERROR_MESSAGE_HEADER: error_message,
+            }
+        if delivery.outcome in (Outcome.FAILED, Outcome.POISON):
+            delivery.span.add_event(
+                "dead-letter requested",
+                {"error.type": error_type, "campaign.attempt": delivery.attempt},
+            )
+            return WORKER_QUEUE_NAME, {
+                ATTEMPT_HEADER: delivery.attempt,
+                ERROR_TYPE_HEADER: error_type,
+                ERROR_MESSAGE_HEADER: error_message,
+                DEAD_LETTER_MARK_HEADER: True,
+            }
+        return None
+
+    async def _republish(
+        self, delivery: _Delivery, routing_key: str, headers: dict[str, Any]
+    ) -> None:
+        """A copy of the delivery through the default exchange (straight to one queue), in its
+        trace, confirmed. Only our own headers travel: never the broker's ``x-death`` or
+        ``x-delivery-count``."""
+        message = delivery.message
+        with _scope(delivery):
+            await publish_confirmed(
+                self._broker,
+                message.body,
+                exchange="",
+                routing_key=routing_key,
+                confirm_seconds=self._settings.worker_publish_timeout_seconds,
+                message_id=message.message_id,
+                correlation_id=message.correlation_id,
+                message_type=message.type,
+                content_type=message.content_type,
+                content_encoding=message.content_encoding,
+                timestamp=message.timestamp,
+                headers=headers,
+            )
+
+    async def _give_back_all(
+        self, batch: Iterable[_Delivery], reason: str, *, failed: bool = False
+    ) -> None:
+        for delivery in batch:
+            if not delivery.settled:
+                delivery.settled = True
+                delivery.outcome = Outcome.REQUEUED
+                delivery.lines.clear()  # nothing it would have logged happened
+                await _give_back(delivery.message, reason, failed=failed)
+
+    def _finish(self, delivery: _Delivery, elapsed: float) -> None:
+        """Log what happened to the delivery, count it, and end its span."""
+        with _scope(delivery):
+            for level, message, extra in delivery.lines:
+                logger.log(level, message, extra=extra)
+        if delivery.outcome is not None:
+            self._metrics.messages.labels(delivery.outcome.value).inc()
+            self._metrics.processing_duration.observe(elapsed)
+            delivery.span.set_attribute("campaign.outcome", delivery.outcome.value)
+        delivery.span.end()
+
+
+def _unknown_campaign(delivery: _Delivery) -> None:
+    delivery.outcome = Outcome.POISON
+    delivery.error = describe(PoisonMessage("no such campaign in the event's tenant"))
+    delivery.log(logging.ERROR, "event names no campaign of its tenant; dead-lettering")
+
+
+@contextmanager
+def _scope(delivery: _Delivery) -> Iterator[None]:
+    """The delivery's span as the current one, and its ids on every line logged."""
+    with trace.use_span(delivery.span, end_on_exit=False):
+        event = delivery.event
+        if event is None:
+            yield
+            return
         with log_context(
             tenant_id=event.tenant_id,
             campaign_id=str(event.campaign_id),
             event_id=str(event.event_id),
-            attempt=attempt,
+            attempt=delivery.attempt,
         ):
-            return await self._process(message, event, attempt)
+            yield
 
-    async def _process(
-        self, message: RabbitMessage, event: CampaignCreated, attempt: int
-    ) -> Outcome:
-        standing = await self._store.standing(event)
-        if standing is Standing.DONE:
-            logger.info("event already processed; acknowledged")
-            await message.ack()
-            return Outcome.DUPLICATE
-        if standing is Standing.UNKNOWN_CAMPAIGN:
-            return await self._unknown_campaign(message, attempt)
 
+async def _reject(delivery: _Delivery) -> None:
+    """Reject without requeue: to the queue's dead-letter exchange."""
+    delivery.settled = True
+    try:
+        await delivery.message.reject(requeue=False)
+    except Exception as exc:  # the channel is gone: the broker redelivers the message
+        logger.warning("could not reject; the broker will redeliver", extra={"error": repr(exc)})
+
+
+async def _ack_all(batch: list[_Delivery]) -> None:
+    """Acknowledge the batch's remaining deliveries: one ``basic.ack(multiple=True)`` per
+    channel (after a reconnect a batch can hold deliveries of the channel that closed, whose
+    acks cannot be sent: the broker redelivers those)."""
+    last: dict[int, AbstractIncomingMessage] = {}
+    for delivery in batch:
+        delivery.settled = True
+        message = delivery.message
         try:
-            await execute(
-                event, attempt=attempt, work_seconds=self._settings.worker_simulated_work_seconds
-            )
-        except Exception as exc:  # the campaign's execution failed, whatever the reason
-            return await self._failed(message, event, attempt, exc)
-
-        recorded = await self._store.record(
-            event, status=JobStatus.SUCCESS, attempt=attempt, trace_id=current_trace_id()
-        )
-        if recorded is Recorded.UNKNOWN_CAMPAIGN:
-            return await self._unknown_campaign(message, attempt)
-        await message.ack()
-        redelivered = {"redelivered": message.raw_message.redelivered}
-        if recorded is Recorded.ALREADY_THERE:
-            logger.info("event processed by another delivery; acknowledged", extra=redelivered)
-            return Outcome.DUPLICATE
-        logger.info("campaign executed", extra=redelivered)
-        return Outcome.SUCCESS
-
-    async def _failed(
-        self,
-        message: RabbitMessage,
-        event: CampaignCreated,
-        attempt: int,
-        error: Exception,
-    ) -> Outcome:
-        error_type, error_message = describe(error)
-        last_attempt = attempt >= self._settings.worker_max_attempts
-        status = JobStatus.FAILED if last_attempt else JobStatus.RETRY
-        recorded = await self._store.record(
-            event,
-            status=status,
-            attempt=attempt,
-            last_error=f"{error_type}: {error_message}",
-            trace_id=current_trace_id(),
-        )
-        if recorded is Recorded.UNKNOWN_CAMPAIGN:
-            return await self._unknown_campaign(message, attempt)
-        if last_attempt:
-            logger.warning("campaign failed on its last attempt; dead-lettering")
-            await self._dead_letter(message, attempt, error)
-            return Outcome.FAILED
-        delay = self._settings.retry_delay(attempt)
-        logger.info(
-            "campaign failed; retrying",
-            extra={"retry_in_seconds": delay, "error": error_message},
-        )
-        await self._republish(
-            message,
-            routing_key=retry_queue(delay).name,
-            headers={
-                ATTEMPT_HEADER: attempt + 1,
-                ERROR_TYPE_HEADER: error_type,
-                ERROR_MESSAGE_HEADER: error_message,
-            },
-        )
-        await message.ack()
-        return Outcome.RETRY
-
-    async def _unknown_campaign(self, message: RabbitMessage, attempt: int) -> Outcome:
-        logger.error("event names no campaign of its tenant; dead-lettering")
-        await self._dead_letter(
-            message, attempt, PoisonMessage("no such campaign in the event's tenant")
-        )
-        return Outcome.POISON
-
-    async def _dead_letter(self, message: RabbitMessage, attempt: int, error: Exception) -> None:
-        error_type, error_message = describe(error)
-        trace.get_current_span().add_event(
-            "dead-letter requested", {"error.type": error_type, "campaign.attempt": attempt}
-        )
-        await self._republish(
-            message,
-            routing_key=WORKER_QUEUE_NAME,
-            headers={
-                ATTEMPT_HEADER: attempt,
-                ERROR_TYPE_HEADER: error_type,
-                ERROR_MESSAGE_HEADER: error_message,
-                DEAD_LETTER_MARK_HEADER: True,
-            },
-        )
-        await message.ack()
-
-    async def _republish(
-        self, message: RabbitMessage, *, routing_key: str, headers: dict[str, Any]
-    ) -> None:
-        """A copy of ``message`` through the default exchange (straight to one queue), confirmed.
-
-        Only our own headers travel: never the broker's ``x-death`` or ``x-delivery-count``.
-        """
-        raw = message.raw_message
-        await publish_confirmed(
-            self._broker,
-            message.body,
-            exchange="",
-            routing_key=routing_key,
-            confirm_seconds=self._settings.worker_publish_timeout_seconds,
-            message_id=raw.message_id,
-            correlation_id=raw.correlation_id,
-            message_type=raw.type,
-            content_type=raw.content_type,
-            content_encoding=raw.content_encoding,
-            timestamp=raw.timestamp,
-            headers=headers,
-        )
-
-    async def _requeue(self, message: RabbitMessage, reason: str, *, failed: bool = False) -> None:
-        """Give a delivery back to the queue. RabbitMQ (4.3 and later) counts a ``reject``
-        against the quorum queue's delivery limit and a ``nack`` not: a message handed back by a
-        stopping worker keeps its deliveries, one that failed spends one."""
+            channel = id(message.channel)
+        except ChannelInvalidStateError:  # closed: its deliveries come again
+            continue
+        if channel not in last or (message.delivery_tag or 0) > (last[channel].delivery_tag or 0):
+            last[channel] = message
+    for message in last.values():
         try:
-            if failed:
-                await message.reject(requeue=True)
-            else:
-                await message.nack(requeue=True)
-        except Exception as exc:  # the channel is gone: the broker redelivers the message anyway
+            await message.ack(multiple=True)
+        except Exception as exc:
             logger.warning(
-                "could not requeue; the broker will redeliver",
-                extra={"reason": reason, "error": repr(exc)},
+                "could not acknowledge; the broker will redeliver", extra={"error": repr(exc)}
             )
+
+
+async def _give_back(message: AbstractIncomingMessage, reason: str, *, failed: bool) -> None:
+    """Give a delivery back to the queue. RabbitMQ (4.3 and later) counts a ``reject``
+    against the quorum queue's delivery limit and a ``nack`` not: a message handed back by a
+    stopping worker keeps its deliveries, one that failed spends one."""
+    try:
+        if failed:
+            await message.reject(requeue=True)
+        else:
+            await message.nack(requeue=True)
+    except Exception as exc:  # the channel is gone: the broker redelivers the message anyway
+        logger.warning(
+            "could not requeue; the broker will redeliver",
+            extra={"reason": reason, "error": repr(exc)},
+        )

@@ -11,9 +11,12 @@ from shared.settings import BrokerSettings, DatabaseSettings
 class WorkerSettings(DatabaseSettings, BrokerSettings):
     service_name: str = "worker"
 
-    # Messages the broker hands this process before any is acknowledged, and how many of them
-    # are processed at once (at most the prefetch; 0 means equal to it).
-    worker_prefetch: int = Field(default=200, ge=1, le=10_000)
+    # Messages the broker hands this process before any is acknowledged; how many of them are
+    # processed as one batch (one query, one insert, one ack), and how many of a batch's
+    # campaigns are executed at once (0 means the whole batch). The prefetch should be larger
+    # than the batch, so the next batch arrives while one is written.
+    worker_prefetch: int = Field(default=1000, ge=1, le=10_000)
+    worker_batch_max: int = Field(default=500, ge=1, le=10_000)
     worker_concurrency: int = Field(default=0, ge=0, le=10_000)
     # Attempts per event, and the wait before each retry (seconds, comma-separated; the last
     # value repeats when there are more retries than values).
@@ -24,10 +27,6 @@ class WorkerSettings(DatabaseSettings, BrokerSettings):
     # While PostgreSQL is away, a message is held and its write retried with backoff up to this
     # pause (it is not acknowledged, not dead-lettered, and no attempt is spent).
     worker_db_retry_max_seconds: float = Field(default=5.0, gt=0)
-    # Group commit: rows of concurrent deliveries written in one statement, at most this many,
-    # by this many batches at once.
-    worker_db_batch_max: int = Field(default=500, ge=1, le=10_000)
-    worker_db_writers: int = Field(default=2, ge=1, le=32)
     worker_publish_timeout_seconds: float = Field(default=5.0, gt=0)
     # Simulated execution time of one campaign.
     worker_simulated_work_seconds: float = Field(default=0.0, ge=0)
@@ -50,7 +49,7 @@ class WorkerSettings(DatabaseSettings, BrokerSettings):
 
     @property
     def concurrency(self) -> int:
-        return min(self.worker_concurrency or self.worker_prefetch, self.worker_prefetch)
+        return min(self.worker_concurrency or self.worker_batch_max, self.worker_batch_max)
 
     def retry_delay(self, failed_attempt: int) -> float:
         """The wait after attempt ``failed_attempt`` (1-based) failed."""

@@ -1,17 +1,15 @@
-"""The worker's reads and writes of ``campaign_job_logs``, with group commit.
+"""The worker's reads and writes of ``campaign_job_logs``, a batch of deliveries at a time.
 
-Deliveries are handled concurrently; each one hands its question ("is there a success row?")
-or its row to a batcher and waits for the answer. A batcher takes whatever has queued up, runs
-one statement for all of it, and answers each caller. Under load the batches grow and the
-database does a fraction of the work per message; when idle, a batch is a single item written
-at once. Nothing is acknowledged before its own row is committed.
+The consumer hands the processor a batch of deliveries; the store answers the whole batch with
+one statement each: which events are done or name no campaign of their tenant (before anything
+is executed), and the batch's rows (after). Nothing is acknowledged before its own row is
+committed: every statement here is atomic by itself and runs in autocommit, so a batch costs one
+round trip, with no pool checkout, BEGIN or COMMIT around it.
 
-Each batcher loop keeps one connection in autocommit mode (every statement here is atomic by
-itself), so a batch costs one round trip: no pool checkout, ping, BEGIN or COMMIT around it.
-
-A batch that cannot reach the database is retried with backoff for as long as it takes (or
-until the worker stops): its messages are held, neither acknowledged nor dead-lettered, and no
-attempt of a campaign is spent on an outage.
+A statement that cannot reach the database is retried with backoff for as long as it takes (or
+until the worker stops): the batch's messages are held, neither acknowledged nor dead-lettered,
+and no attempt of a campaign is spent on an outage. A batch the database refuses (not an
+outage) is tried again item by item, so one bad item fails alone.
 """
 
 from __future__ import annotations
@@ -23,8 +21,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from functools import partial
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
 from opentelemetry import trace
 from opentelemetry.instrumentation.utils import suppress_instrumentation
@@ -42,12 +39,11 @@ tracer = trace.get_tracer(__name__)
 
 Item = TypeVar("Item")
 Answer = TypeVar("Answer")
-Run = Callable[[AsyncConnection, Sequence[Item]], Awaitable[list[Answer]]]
-Retrying = Callable[[Callable[[], Awaitable[list[Answer]]]], Awaitable[list[Answer]]]
+Statement = Callable[[AsyncConnection, Sequence[Item]], Awaitable[list[Answer]]]
 
 
 class ShuttingDown(Exception):
-    """The worker is stopping while a write waits for the database."""
+    """The worker is stopping while a statement waits for the database."""
 
 
 class Standing(Enum):
@@ -62,133 +58,6 @@ class Recorded(Enum):
     WRITTEN = "written"
     ALREADY_THERE = "already there"  # this step's row exists (a redelivery), or a success does
     UNKNOWN_CAMPAIGN = "unknown campaign"  # no such campaign in the event's tenant: poison
-
-
-@dataclass(slots=True)
-class _Pending(Generic[Item, Answer]):
-    item: Item
-    future: asyncio.Future[tuple[Answer, int]]  # the answer, and the size of its batch
-
-
-class _Connection:
-    """One batcher loop's connection, in autocommit mode, opened on first use and again after
-    a failure."""
-
-    def __init__(self, engine: AsyncEngine) -> None:
-        self._engine = engine.execution_options(isolation_level="AUTOCOMMIT")
-        self._connection: AsyncConnection | None = None
-
-    async def run(self, run: Run[Item, Answer], items: Sequence[Item]) -> list[Answer]:
-        with suppress_instrumentation():  # a batch statement belongs to no single trace
-            if self._connection is None:
-                self._connection = await self._engine.connect()
-            try:
-                return await run(self._connection, items)
-            except Exception:
-                await self.close()
-                raise
-
-    async def close(self) -> None:
-        connection, self._connection = self._connection, None
-        if connection is not None:
-            with contextlib.suppress(Exception):
-                await connection.close()
-
-
-class _Batcher(Generic[Item, Answer]):
-    """Collects items from concurrent callers and answers them one statement per batch, with
-    ``writers`` loops (and connections) working at once."""
-
-    def __init__(
-        self,
-        name: str,
-        run: Run[Item, Answer],
-        *,
-        engine: AsyncEngine,
-        max_batch: int,
-        writers: int,
-        retrying: Retrying[Answer],
-    ) -> None:
-        self._name = name
-        self._run = run
-        self._engine = engine
-        self._max_batch = max_batch
-        self._writers = writers
-        self._retrying = retrying
-        self._queue: asyncio.Queue[_Pending[Item, Answer]] = asyncio.Queue()
-        self._tasks: list[asyncio.Task[None]] = []
-        self._closed = False
-
-    def start(self) -> None:
-        self._tasks = [
-            asyncio.create_task(self._loop(), name=f"{self._name}-{n}")
-            for n in range(self._writers)
-        ]
-
-    async def stop(self) -> None:
-        self._closed = True
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        while not self._queue.empty():
-            pending = self._queue.get_nowait()
-            if not pending.future.done():
-                pending.future.set_exception(ShuttingDown())
-
-    async def submit(self, item: Item) -> tuple[Answer, int]:
-        """The answer for ``item``, and how many items its batch held."""
-        if self._closed:  # a handler outliving the grace period: it requeues its message
-            raise ShuttingDown()
-        future: asyncio.Future[tuple[Answer, int]] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Pending(item, future))
-        return await future
-
-    async def _loop(self) -> None:
-        connection = _Connection(self._engine)
-        try:
-            while True:
-                batch = [await self._queue.get()]
-                while len(batch) < self._max_batch and not self._queue.empty():
-                    batch.append(self._queue.get_nowait())
-                try:
-                    await self._answer(connection, batch)
-                except asyncio.CancelledError:
-                    self._fail(batch, ShuttingDown())
-                    raise
-        finally:
-            await connection.close()
-
-    async def _answer(self, connection: _Connection, batch: list[_Pending[Item, Answer]]) -> None:
-        items = [pending.item for pending in batch]
-        try:
-            answers = await self._retrying(partial(connection.run, self._run, items))
-        except ShuttingDown as exc:
-            self._fail(batch, exc)
-            return
-        except Exception as exc:
-            if len(batch) == 1:
-                self._fail(batch, exc)
-                return
-            # The database refused the batch (not an outage): answer item by item, so one bad
-            # item fails alone and the others go through.
-            logger.warning(
-                "batch refused; retrying its items one by one",
-                extra={"batch": self._name, "size": len(batch), "error": repr(exc)},
-            )
-            for pending in batch:
-                await self._answer(connection, [pending])
-            return
-        for pending, answer in zip(batch, answers, strict=True):
-            if not pending.future.done():
-                pending.future.set_result((answer, len(batch)))
-
-    @staticmethod
-    def _fail(batch: list[_Pending[Item, Answer]], exc: Exception) -> None:
-        for pending in batch:
-            if not pending.future.done():
-                pending.future.set_exception(exc)
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,81 +196,100 @@ async def _write(connection: AsyncConnection, rows: Sequence[JobRow]) -> list[Re
 
 
 class JobLogStore:
+    """One connection of its own (opened on first use, and again after a failure), used by one
+    batch at a time: the consumer processes its batches in order."""
+
     def __init__(
-        self,
-        engine: AsyncEngine,
-        *,
-        retry_max_seconds: float,
-        stopping: asyncio.Event,
-        max_batch: int = 500,
-        writers: int = 2,
+        self, engine: AsyncEngine, *, retry_max_seconds: float, stopping: asyncio.Event
     ) -> None:
+        self._engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._connection: AsyncConnection | None = None
         self._retry_max = retry_max_seconds
         self._stopping = stopping
-        self._checks: _Batcher[CampaignCreated, Standing] = _Batcher(
-            "success-check",
-            _check,
-            engine=engine,
-            max_batch=max_batch,
-            writers=writers,
-            retrying=self._retrying,
-        )
-        self._writes: _Batcher[JobRow, Recorded] = _Batcher(
-            "job-log-write",
-            _write,
-            engine=engine,
-            max_batch=max_batch,
-            writers=writers,
-            retrying=self._retrying,
-        )
-
-    def start(self) -> None:
-        self._checks.start()
-        self._writes.start()
+        self._closed = False
 
     async def stop(self) -> None:
-        await self._checks.stop()
-        await self._writes.stop()
+        self._closed = True
+        await self._close()
 
-    async def standing(self, event: CampaignCreated) -> Standing:
-        """Whether the event's success row exists, and whether it names a campaign of its own
+    async def standings(self, events: Sequence[CampaignCreated]) -> list[Standing]:
+        """Whether each event's success row exists, and whether it names a campaign of its own
         tenant (checked before executing it: a forged or stray event runs nothing)."""
-        standing, _ = await self._checks.submit(event)
-        return standing
+        return await self._answer(_check, events)
 
     async def record(
-        self,
-        event: CampaignCreated,
-        *,
-        status: JobStatus,
-        attempt: int,
-        last_error: str | None = None,
-        trace_id: str | None = None,
-    ) -> Recorded:
-        """Write this step's row, once: a second write of the same step (or a second success of
-        the event) changes nothing. The row is written only for a campaign of the event's tenant.
-        """
-        row = JobRow(event, status, attempt, last_error, trace_id)
-        # The row's insert in the message's trace; the statement itself serves a whole batch.
-        span = tracer.start_span(
-            "INSERT campaign_job_logs", kind=trace.SpanKind.CLIENT, attributes=_SPAN_ATTRIBUTES
-        )
+        self, rows: Sequence[JobRow], *, traces: Sequence[trace.Span]
+    ) -> list[Recorded]:
+        """Write each row's step, once: a second write of the same step (or a second success of
+        an event) changes nothing. A row is written only for a campaign of its event's tenant.
+
+        ``traces`` are the deliveries' spans, one a row: each row's insert is a span of its own
+        delivery's trace, though one statement serves the whole batch."""
+        spans = [
+            tracer.start_span(
+                "INSERT campaign_job_logs",
+                context=trace.set_span_in_context(parent),
+                kind=trace.SpanKind.CLIENT,
+                attributes=_SPAN_ATTRIBUTES,
+            )
+            for parent in traces
+        ]
         try:
-            recorded, batch_size = await self._writes.submit(row)
-        except BaseException:
-            span.end()
-            raise
-        if span.is_recording():
-            span.set_attribute("db.batch.size", batch_size)
-            span.set_attribute("campaign.recorded", recorded.value)
-        span.end()
+            recorded = await self._answer(_write, rows)
+        finally:
+            for span in spans:
+                span.end()
+        for span, outcome in zip(spans, recorded, strict=True):
+            if span.is_recording():
+                span.set_attributes(
+                    {"db.batch.size": len(rows), "campaign.recorded": outcome.value}
+                )
         return recorded
 
-    async def _retrying(self, operation: Callable[[], Awaitable[Answer]]) -> Answer:
+    async def _answer(
+        self, statement: Statement[Item, Answer], items: Sequence[Item]
+    ) -> list[Answer]:
+        try:
+            return await self._retrying(statement, items)
+        except ShuttingDown:
+            raise
+        except Exception as exc:
+            if len(items) == 1:
+                raise
+            logger.warning(
+                "batch refused; retrying its items one by one",
+                extra={"size": len(items), "error": repr(exc)},
+            )
+        answers: list[Answer] = []
+        for item in items:
+            answers.extend(await self._answer(statement, [item]))
+        return answers
+
+    async def _run(self, statement: Statement[Item, Answer], items: Sequence[Item]) -> list[Answer]:
+        if self._closed:  # a batch outliving the grace period: its messages are requeued
+            raise ShuttingDown()
+        with suppress_instrumentation():  # a batch statement belongs to no single trace
+            if self._connection is None:
+                self._connection = await self._engine.connect()
+            try:
+                return await statement(self._connection, items)
+            except Exception:
+                await self._close()
+                raise
+
+    async def _close(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                await connection.close()
+
+    async def _retrying(
+        self, statement: Statement[Item, Answer], items: Sequence[Item]
+    ) -> list[Answer]:
         delay = 0.1
         while True:
             try:
-                return await operation()
+                return await self._run(statement, items)
             except Exception as exc:
                 if not database_unavailable(exc):
                     raise

@@ -254,13 +254,17 @@ class TestStoreLifecycle:
         from shared.models import JobStatus
         from worker.store import JobLogStore, ShuttingDown
 
+        from opentelemetry import trace
+
+        from worker.store import JobRow
+
         store = JobLogStore(db_engine, retry_max_seconds=0.1, stopping=asyncio.Event())
-        store.start()
         await store.stop()
         event = CampaignCreated(tenant_id="late", campaign_id=uuid_module.uuid4(), name="late")
+        row = JobRow(event, JobStatus.SUCCESS, 1, None, None)
 
         with pytest.raises(ShuttingDown):
-            await asyncio.wait_for(store.record(event, status=JobStatus.SUCCESS, attempt=1), 5)
+            await asyncio.wait_for(store.record([row], traces=[trace.INVALID_SPAN]), 5)
 
 
 class TestUnexpectedError:
@@ -274,29 +278,29 @@ class TestUnexpectedError:
         rabbit_admin: RabbitAdmin,
         vhost: str,
     ) -> None:
-        from faststream.rabbit.message import RabbitMessage
+        from aio_pika import IncomingMessage
 
         from worker.store import JobLogStore
 
-        standing = JobLogStore.standing
+        standings = JobLogStore.standings
         calls = 0
 
-        async def broken_once(store: JobLogStore, event: Any) -> Any:
+        async def broken_once(store: JobLogStore, events: Any) -> Any:
             nonlocal calls
             calls += 1
             if calls == 1:
                 raise RuntimeError("a bug in the worker")
-            return await standing(store, event)
+            return await standings(store, events)
 
         rejected: list[bool] = []
-        reject = RabbitMessage.reject
+        reject = IncomingMessage.reject
 
-        async def spy_reject(message: RabbitMessage, requeue: bool = False) -> None:
+        async def spy_reject(message: IncomingMessage, requeue: bool = False) -> None:
             rejected.append(requeue)
             await reject(message, requeue=requeue)
 
-        monkeypatch.setattr(JobLogStore, "standing", broken_once)
-        monkeypatch.setattr(RabbitMessage, "reject", spy_reject)
+        monkeypatch.setattr(JobLogStore, "standings", broken_once)
+        monkeypatch.setattr(IncomingMessage, "reject", spy_reject)
         worker = create_worker_app(make_worker_settings(database_url, amqp_url))
         async with worker.router.lifespan_context(worker):
             await wait_ready(worker)
