@@ -250,13 +250,11 @@ class TestStoreLifecycle:
     ) -> None:
         import uuid as uuid_module
 
-        from shared.events import CampaignCreated
-        from shared.models import JobStatus
-        from worker.store import JobLogStore, ShuttingDown
-
         from opentelemetry import trace
 
-        from worker.store import JobRow
+        from shared.events import CampaignCreated
+        from shared.models import JobStatus
+        from worker.store import JobLogStore, JobRow, ShuttingDown
 
         store = JobLogStore(db_engine, retry_max_seconds=0.1, stopping=asyncio.Event())
         await store.stop()
