@@ -3,8 +3,6 @@ success rows exist, for the worker and for the bare loops it is measured against
 
 from __future__ import annotations
 
-import json
-import uuid
 from typing import Any
 
 from tests.benchmarks.harness import (
@@ -71,62 +69,29 @@ async def baseline_drain(bench: Bench, mode: str, events: int) -> dict[str, Any]
     return await _drain(bench, f"baseline-{mode}", [(command, bench.env())], events)
 
 
-async def framework_drain(bench: Bench, events: int, *, tracing: bool) -> dict[str, Any]:
-    """The FastStream subscriber that only acknowledges: the floor under the worker's cost."""
-    await purge_worker_queue(bench)
-    await queue_events(bench, [uuid.uuid4() for _ in range(events)])
-    args = ["--count", str(events), *(["--tracing"] if tracing else [])]
-    process = Process(
-        "framework-tracing" if tracing else "framework",
-        python("-m", "tests.benchmarks.framework_consumer", *args),
-        bench.env(),
-        bench.logs,
-    )
-    await process.start()
-    try:
-        await process.wait(timeout=max(120, events / 100))
-    finally:
-        await process.stop()
-    # Its report is its last line of that form (the log file also holds any warnings).
-    lines = process.log_path.read_text().splitlines()
-    report = json.loads(next(line for line in reversed(lines) if line.startswith('{"events"')))
-    return {
-        "events": report["events"],
-        "seconds": report["seconds"],
-        "events_per_second": report["events"] / report["seconds"],
-        "rss_mib": None,
-    }
-
-
 async def run(bench: Bench, events: int) -> dict[str, Any]:
     await declare_topology(bench)
     batched = await baseline_drain(bench, "batched", events)
     naive = await baseline_drain(bench, "naive", events)
-    framework = await framework_drain(bench, events, tracing=False)
-    framework_traced = await framework_drain(bench, events, tracing=True)
+    untraced = await worker_drain(bench, events, OTEL_SDK_DISABLED="true")
     worker = await worker_drain(bench, events)
     workers = await worker_drain(bench, events, processes=2)
     rows = [
         {"consumer": "bare aio-pika, batched insert + ack multiple", **_row(batched, batched)},
         {"consumer": "bare aio-pika, one insert + one ack each", **_row(naive, batched)},
-        {"consumer": "FastStream subscriber, ack only, no row", **_row(framework, batched)},
-        {
-            "consumer": "FastStream subscriber, ack only, no row, tracing 100%",
-            **_row(framework_traced, batched),
-        },
+        {"consumer": "worker, tracing off (metrics, logs)", **_row(untraced, batched)},
         {"consumer": "worker (tracing 100%, metrics, logs)", **_row(worker, batched)},
         {"consumer": "worker, 2 processes (competing consumers)", **_row(workers, batched)},
     ]
     return {
         "batched": batched,
         "naive": naive,
-        "framework": framework,
-        "framework_tracing": framework_traced,
+        "worker_untraced": untraced,
         "worker": worker,
         "workers_2": workers,
         "worker_vs_batched": worker["events_per_second"] / batched["events_per_second"],
-        "worker_vs_framework_tracing": (
-            worker["events_per_second"] / framework_traced["events_per_second"]
+        "worker_untraced_vs_batched": (
+            untraced["events_per_second"] / batched["events_per_second"]
         ),
         "target": 0.6,
         "table": rows,
