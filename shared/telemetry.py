@@ -5,7 +5,9 @@
 - ``OTEL_EXPORTER_OTLP_ENDPOINT`` or ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``: spans are exported
   over OTLP/HTTP (protobuf) when one is set; without one, spans still exist (trace ids reach
   the logs, the AMQP headers and the job rows) but are not sent anywhere;
-- ``OTEL_TRACES_EXPORTER=none`` or ``OTEL_SDK_DISABLED=true`` turn export or tracing off.
+- ``OTEL_TRACES_EXPORTER=none`` or ``OTEL_SDK_DISABLED=true`` turn export or tracing off;
+- ``OTEL_BSP_*`` tune the export queue; its size defaults to 16,384 spans here (the SDK's 2,048
+  is less than a burst of the worker's batches holds, and a full queue drops spans).
 
 One trace per campaign: the HTTP server span (FastAPI instrumentation), the database spans
 (asyncpg instrumentation), the publish span and the worker's process span (FastStream's
@@ -58,7 +60,9 @@ def configure_tracing(service_name: str) -> TracerProvider:
     sampler = _SkipTransactionControl(sampling._get_from_env_or_default())
     provider = TracerProvider(resource=Resource.create(attributes), sampler=sampler)
     if _exporting():
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        provider.add_span_processor(
+            BatchSpanProcessor(OTLPSpanExporter(), max_queue_size=_export_queue_size())
+        )
     trace.set_tracer_provider(provider)
     atexit.register(provider.shutdown)  # flush the last spans when the process ends
     AsyncPGInstrumentor().instrument(tracer_provider=provider)  # type: ignore[no-untyped-call]
@@ -101,6 +105,16 @@ class _SkipTransactionControl(sampling.Sampler):
 
     def get_description(self) -> str:
         return f"SkipTransactionControl({self._delegate.get_description()})"
+
+
+_EXPORT_QUEUE_SIZE = 16_384
+
+
+def _export_queue_size() -> int | None:
+    """The span queue's size: OTEL_BSP_MAX_QUEUE_SIZE when set (None lets the SDK read it),
+    else a queue that holds a few of the worker's batches (two spans a delivery) while the
+    exporter thread catches up."""
+    return None if os.environ.get("OTEL_BSP_MAX_QUEUE_SIZE") else _EXPORT_QUEUE_SIZE
 
 
 def _exporting() -> bool:
