@@ -9,7 +9,6 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-import aio_pika
 import asyncpg
 import httpx
 import pytest
@@ -21,7 +20,7 @@ from tests.pipeline.conftest import TEST_MAX_ATTEMPTS, TEST_RETRY_DELAYS
 from tests.support.campaigns import create_campaign, jobs_of, steps, wait_for_jobs
 from tests.support.metrics import outcomes, value
 from tests.support.polling import eventually
-from tests.support.rabbit import RabbitAdmin
+from tests.support.rabbit import RabbitAdmin, publish_raw
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -33,18 +32,6 @@ async def dead_letters(rabbit_admin: RabbitAdmin, vhost: str, count: int = 1) ->
         timeout=10,
         what="dead-lettered message",
     )
-
-
-async def publish_raw(amqp_url: str, body: bytes, **properties: Any) -> None:
-    """Publish as someone with the RabbitMQ UI or a script would: straight to the exchange."""
-    connection = await aio_pika.connect(amqp_url)
-    async with connection:
-        channel = await connection.channel(publisher_confirms=True)
-        exchange = await channel.get_exchange("campaigns")
-        await exchange.publish(
-            aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, **properties),
-            routing_key="campaign.created",
-        )
 
 
 async def handled(worker: FastAPI, **expected: int) -> dict[str, float]:

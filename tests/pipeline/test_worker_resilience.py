@@ -17,13 +17,15 @@ import asyncpg
 import httpx
 import pytest
 
+from shared.events import CampaignCreated
+from shared.messaging import ERROR_TYPE_HEADER
 from tests.pipeline.conftest import TEST_RETRY_DELAYS, make_worker_settings, wait_ready
 from tests.support.campaigns import create_campaign, jobs_of, steps, wait_for_jobs
 from tests.support.metrics import outcomes, parse, value
 from tests.support.polling import eventually
 from tests.support.processes import ServiceProcess
 from tests.support.proxy import TcpProxy
-from tests.support.rabbit import RabbitAdmin
+from tests.support.rabbit import RabbitAdmin, publish_raw
 from worker.app import create_app as create_worker_app
 
 WorkerFactory = Callable[..., ServiceProcess]
@@ -312,3 +314,61 @@ class TestUnexpectedError:
         # basic.reject, which counts against the queue's delivery limit (basic.nack would not).
         assert rejected == [True]
         assert await rabbit_admin.peek(vhost, "campaign.deadletter") == []
+
+
+class TestMixedBatch:
+    async def test_every_kind_of_delivery_in_one_batch_is_settled_as_if_alone(
+        self,
+        start_worker: WorkerFactory,
+        campaign_client: httpx.AsyncClient,
+        headers: dict[str, str],
+        tenant: str,
+        amqp_url: str,
+        rabbit_admin: RabbitAdmin,
+        vhost: str,
+    ) -> None:
+        # Queued while no worker runs, so they reach the worker together and share batches:
+        # successes, a failure to retry, a body that is not JSON and an event of no campaign.
+        fine = [await create_campaign(campaign_client, headers, f"fine {i}") for i in range(30)]
+        flaky = await create_campaign(campaign_client, headers, "flaky [fail:1]")
+        await publish_raw(amqp_url, b"\xff{not json")
+        ghost = CampaignCreated(tenant_id=tenant, campaign_id=uuid.uuid4(), name="ghost")
+        await publish_raw(amqp_url, ghost.model_dump_json().encode())
+        await eventually(
+            lambda: rabbit_admin.queue(vhost, "worker.campaign.created"),
+            until=lambda queue: queue.get("messages", 0) == 33,
+            timeout=20,
+            what="all 33 messages queued",
+        )
+
+        worker = start_worker()
+        await worker.start()
+        for campaign in fine:
+            jobs = await wait_for_jobs(campaign_client, headers, campaign["id"], timeout=20)
+            assert steps(jobs) == [("success", 1)]
+        flaky_jobs = await wait_for_jobs(campaign_client, headers, flaky["id"], timeout=20)
+        dead = await eventually(
+            lambda: rabbit_admin.peek(vhost, "campaign.deadletter"),
+            until=lambda messages: len(messages) >= 2,
+            timeout=15,
+            what="two dead letters",
+        )
+        # Everything settled: nothing left in the queue, nothing held unacknowledged.
+        queue = await eventually(
+            lambda: rabbit_admin.queue(vhost, "worker.campaign.created"),
+            until=lambda q: q.get("messages", -1) == 0 and q.get("messages_unacknowledged") == 0,
+            timeout=20,
+            what="the worker's queue empty and nothing unacknowledged",
+        )
+
+        assert steps(flaky_jobs) == [("retry", 1), ("success", 2)]
+        assert sorted(m["properties"]["headers"][ERROR_TYPE_HEADER] for m in dead) == [
+            "PoisonMessage",
+            "PoisonMessage",
+        ]
+        assert queue["consumers"] == 1
+        # One channel throughout: an ack that named a delivery already settled would have
+        # made the broker close it ("unknown delivery tag") and the worker reconnect.
+        log = worker.log_path.read_text()
+        assert "unknown delivery tag" not in log
+        assert "could not" not in log

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import aio_pika
 import httpx
 
 MANAGEMENT_URL = os.environ.get("TEST_RABBITMQ_MANAGEMENT_URL", "http://127.0.0.1:15672")
@@ -158,3 +159,15 @@ class PrivateRabbitNode:
             await self.stop()
         finally:
             shutil.rmtree(self._dir, ignore_errors=True)
+
+
+async def publish_raw(amqp_url: str, body: bytes, **properties: Any) -> None:
+    """Publish as someone with the RabbitMQ UI or a script would: straight to the exchange."""
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.get_exchange("campaigns")
+        await exchange.publish(
+            aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, **properties),
+            routing_key="campaign.created",
+        )
