@@ -25,13 +25,15 @@ async def _drain(
     name: str,
     commands: list[tuple[list[str], dict[str, str]]],
     events: int,
+    *,
+    sampled_every: int = 1,
 ) -> dict[str, Any]:
     """Queue ``events``, start one process per command (competing consumers), and time the
     rows from the first to the last."""
     await truncate_logs(bench)
     await purge_worker_queue(bench)
     campaigns = await seed_campaigns(bench, events)
-    await queue_events(bench, campaigns)
+    await queue_events(bench, campaigns, sampled_every=sampled_every)
     processes = [
         Process(name if len(commands) == 1 else f"{name}-{n}", args, env, bench.logs)
         for n, (args, env) in enumerate(commands)
@@ -54,13 +56,25 @@ async def _drain(
 
 
 async def worker_drain(
-    bench: Bench, events: int, *, processes: int = 1, **env: str
+    bench: Bench, events: int, *, processes: int = 1, sampled_every: int = 1, **env: str
 ) -> dict[str, Any]:
     commands = [
         (python("-m", "worker"), bench.env(WORKER_METRICS_PORT=str(free_port()), **env))
         for _ in range(processes)
     ]
-    return await _drain(bench, "worker", commands, events)
+    return await _drain(bench, "worker", commands, events, sampled_every=sampled_every)
+
+
+async def sampled_worker_drain(bench: Bench, events: int) -> dict[str, Any]:
+    """The worker as production would run it: one trace in ten sampled at the root (the HTTP
+    request), and the worker following its parent's decision."""
+    return await worker_drain(
+        bench,
+        events,
+        sampled_every=10,
+        OTEL_TRACES_SAMPLER="parentbased_traceidratio",
+        OTEL_TRACES_SAMPLER_ARG="0.1",
+    )
 
 
 async def baseline_drain(bench: Bench, mode: str, events: int) -> dict[str, Any]:
@@ -75,12 +89,14 @@ async def run(bench: Bench, events: int) -> dict[str, Any]:
     naive = await baseline_drain(bench, "naive", events)
     untraced = await worker_drain(bench, events, OTEL_SDK_DISABLED="true")
     worker = await worker_drain(bench, events)
+    sampled = await sampled_worker_drain(bench, events)
     workers = await worker_drain(bench, events, processes=2)
     rows = [
         {"consumer": "bare aio-pika, batched insert + ack multiple", **_row(batched, batched)},
         {"consumer": "bare aio-pika, one insert + one ack each", **_row(naive, batched)},
         {"consumer": "worker, tracing off (metrics, logs)", **_row(untraced, batched)},
         {"consumer": "worker (tracing 100%, metrics, logs)", **_row(worker, batched)},
+        {"consumer": "worker, tracing 10% (parent-based)", **_row(sampled, batched)},
         {"consumer": "worker, 2 processes (competing consumers)", **_row(workers, batched)},
     ]
     return {
@@ -88,6 +104,7 @@ async def run(bench: Bench, events: int) -> dict[str, Any]:
         "naive": naive,
         "worker_untraced": untraced,
         "worker": worker,
+        "worker_sampled_10": sampled,
         "workers_2": workers,
         "worker_vs_batched": worker["events_per_second"] / batched["events_per_second"],
         "worker_untraced_vs_batched": (

@@ -126,10 +126,11 @@ async def purge_worker_queue(bench: Bench) -> None:
         await queue.purge()
 
 
-async def queue_events(bench: Bench, campaigns: list[uuid.UUID]) -> None:
+async def queue_events(bench: Bench, campaigns: list[uuid.UUID], *, sampled_every: int = 1) -> None:
     """One campaign.created per campaign, queued while nothing consumes, each with a W3C
     traceparent of its own as the outbox relay sends them (a message without one makes the
-    consumer start a trace of its own, a span more than in production)."""
+    consumer start a trace of its own, a span more than in production). One trace in
+    ``sampled_every`` is marked sampled, as a root sampler at that ratio would have marked it."""
     connection = await aio_pika.connect(bench.amqp_url)
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
@@ -146,12 +147,13 @@ async def queue_events(bench: Bench, campaigns: list[uuid.UUID]) -> None:
                             content_type="application/json",
                             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                             headers={
-                                "traceparent": f"00-{uuid.uuid4().hex}-{uuid.uuid4().hex[:16]}-01"
+                                "traceparent": f"00-{uuid.uuid4().hex}-{uuid.uuid4().hex[:16]}-"
+                                + ("01" if (start + n) % sampled_every == 0 else "00")
                             },
                         ),
                         routing_key="campaign.created",
                     )
-                    for campaign in chunk
+                    for n, campaign in enumerate(chunk)
                 )
             )
 
