@@ -215,6 +215,8 @@ class JobLogStore:
     async def standings(self, events: Sequence[CampaignCreated]) -> list[Standing]:
         """Whether each event's success row exists, and whether it names a campaign of its own
         tenant (checked before executing it: a forged or stray event runs nothing)."""
+        if not events:  # a batch of dead letters and poison: nothing to ask
+            return []
         return await self._answer(_check, events)
 
     async def record(
