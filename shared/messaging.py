@@ -25,7 +25,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, cast
 
 from faststream._internal.types import BrokerMiddleware
-from faststream.message import StreamMessage
 from faststream.rabbit import (
     Channel,
     ExchangeType,
@@ -123,9 +122,8 @@ def create_broker(
 ) -> RabbitBroker:
     """One broker per process: publisher confirms on, unroutable ``mandatory`` messages raise.
 
-    ``apply_types=False`` turns FastStream's dependency injection off: handlers then receive
-    what their decoder returns (see :func:`the_message_itself`). FastDepends resolves context
-    parameters in a thread pool, several thread hops per message.
+    ``apply_types=False`` turns FastStream's dependency injection off (FastDepends resolves
+    context parameters in a thread pool, several thread hops per message).
     """
     return RabbitBroker(
         url,
@@ -246,13 +244,6 @@ class BrokerStartup:
         if not self.done:
             raise ConnectionError("broker not connected and set up yet")
         await broker_ready(self._broker)
-
-
-async def the_message_itself(message: StreamMessage[Any]) -> StreamMessage[Any]:
-    """A subscriber decoder that hands the handler the message, undecoded: the handler parses
-    the body itself, so a body that is not what it claims (JSON that is not JSON) reaches code
-    that settles it, instead of failing in the framework before any handler runs."""
-    return message
 
 
 async def broker_ready(broker: RabbitBroker) -> None:

@@ -10,8 +10,9 @@
   is less than a burst of the worker's batches holds, and a full queue drops spans).
 
 One trace per campaign: the HTTP server span (FastAPI instrumentation), the database spans
-(asyncpg instrumentation), the publish span and the worker's process span (FastStream's
-telemetry middleware, W3C ``traceparent`` in the AMQP headers), and the job row's insert.
+(asyncpg instrumentation), the publish span (FastStream's telemetry middleware, W3C
+``traceparent`` in the AMQP headers), the worker's process span (``worker/processing.py``, from
+those headers), and the job row's insert.
 """
 
 from __future__ import annotations
