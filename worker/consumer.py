@@ -30,6 +30,19 @@ Handler = Callable[[list[Delivery]], Awaitable[None]]
 Requeue = Callable[[list[Delivery]], Awaitable[None]]
 
 
+_CANCEL_SECONDS = 5.0
+
+
+async def _give_back_unsettled(batch: list[Delivery]) -> None:
+    """Requeue what a failed batch left unsettled: the next batch's ``ack(multiple=True)`` would
+    otherwise acknowledge it unprocessed. A ``reject``, so a delivery that keeps failing is
+    dead-lettered by the queue's delivery limit."""
+    for delivery in batch:
+        if not delivery.processed:
+            with contextlib.suppress(Exception):  # a closed channel: the broker redelivers it
+                await delivery.reject(requeue=True)
+
+
 class BatchConsumer:
     def __init__(self, handle: Handler, *, requeue: Requeue, max_batch: int) -> None:
         self._handle = handle
@@ -69,7 +82,8 @@ class BatchConsumer:
             try:
                 await self._handle(batch)
             except Exception:  # the handler settles its own failures; this is a last resort
-                logger.exception("batch handler failed; its deliveries return on reconnect")
+                logger.exception("batch handler failed; giving its deliveries back")
+                await _give_back_unsettled(batch)
             finally:
                 self._busy = False
 
@@ -80,8 +94,12 @@ class BatchConsumer:
         self._closing = True
         if self._queue is not None and self._consumer_tag is not None:
             tag, self._consumer_tag = self._consumer_tag, None
-            with contextlib.suppress(Exception):  # a closed channel has no consumer to cancel
-                await self._queue.cancel(tag)
+            # A closed channel has no consumer to cancel, and during an outage aio-pika would
+            # wait for the reconnection: do not let the stop wait on the broker.
+            if not self._queue.channel.is_closed:
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(_CANCEL_SECONDS):
+                        await self._queue.cancel(tag)
         task, self._loop_task = self._loop_task, None
         if task is None:
             return

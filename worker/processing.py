@@ -42,6 +42,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from aio_pika.exceptions import ChannelInvalidStateError
 from faststream.rabbit import RabbitBroker
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.semconv.trace import SpanAttributes
 from pydantic import ValidationError
 
@@ -77,7 +78,7 @@ def attempt_of(headers: dict[str, Any]) -> int:
     value = headers.get(ATTEMPT_HEADER, 1)
     try:
         attempt = int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # not a number, or an infinite float
         return 1
     return max(attempt, 1)
 
@@ -90,9 +91,13 @@ def _process_span(message: AbstractIncomingMessage) -> trace.Span:
     """The delivery's process span, named and described as FastStream's telemetry names its
     own (``<exchange>.<routing key> process``), in the trace the publisher started."""
     exchange = message.exchange or "default"
+    try:
+        parent = context_from(message.headers)
+    except Exception:  # a traceparent that is not text (bytes, a number): a trace of its own
+        parent = Context()
     return tracer.start_span(
         f"{exchange}.{message.routing_key} process",
-        context=context_from(message.headers),
+        context=parent,
         kind=trace.SpanKind.CONSUMER,
         attributes={
             SpanAttributes.MESSAGING_SYSTEM: "rabbitmq",
@@ -199,6 +204,8 @@ class CampaignProcessor:
                 delivery.log(logging.INFO, "event already processed; acknowledged")
             elif standing is Standing.UNKNOWN_CAMPAIGN:
                 _unknown_campaign(delivery)
+            elif standing is Standing.REFUSED:
+                _refused(delivery)
             else:
                 to_execute.append(delivery)
 
@@ -216,6 +223,13 @@ class CampaignProcessor:
         """Whether the delivery is an event to check and execute; anything else is settled or
         marked for the dead-letter queue here."""
         message = delivery.message
+        try:
+            message.channel  # noqa: B018  (raises once the channel is closed)
+        except ChannelInvalidStateError:
+            # Received before a reconnect: its ack can no longer be sent and the broker
+            # delivers it again on the new channel, so doing its work now would do it twice.
+            delivery.settled = True
+            return False
         if message.headers.get(DEAD_LETTER_MARK_HEADER):
             # Our own copy, carrying the final error: the broker moves it to the DLX.
             await _reject(delivery)
@@ -277,6 +291,8 @@ class CampaignProcessor:
         """How a delivery whose row was written (or found) is settled."""
         if recorded is Recorded.UNKNOWN_CAMPAIGN:
             _unknown_campaign(delivery)
+        elif recorded is Recorded.REFUSED:
+            _refused(delivery)
         elif row.status is JobStatus.SUCCESS:
             redelivered = delivery.message.redelivered
             if recorded is Recorded.ALREADY_THERE:
@@ -395,6 +411,12 @@ def _unknown_campaign(delivery: _Delivery) -> None:
     delivery.outcome = Outcome.POISON
     delivery.error = describe(PoisonMessage("no such campaign in the event's tenant"))
     delivery.log(logging.ERROR, "event names no campaign of its tenant; dead-lettering")
+
+
+def _refused(delivery: _Delivery) -> None:
+    delivery.outcome = Outcome.POISON
+    delivery.error = describe(PoisonMessage("the database refuses this event's values"))
+    delivery.log(logging.ERROR, "the database refuses this event's values; dead-lettering")
 
 
 @contextmanager

@@ -52,12 +52,14 @@ class Standing(Enum):
     NEW = "new"  # a campaign of the event's tenant, not yet done
     DONE = "done"  # its success row exists
     UNKNOWN_CAMPAIGN = "unknown campaign"  # no such campaign in the event's tenant: poison
+    REFUSED = "refused"  # the database refuses this event's values (not an outage): poison
 
 
 class Recorded(Enum):
     WRITTEN = "written"
     ALREADY_THERE = "already there"  # this step's row exists (a redelivery), or a success does
     UNKNOWN_CAMPAIGN = "unknown campaign"  # no such campaign in the event's tenant: poison
+    REFUSED = "refused"  # the database refuses this row's values (not an outage): poison
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,7 +219,7 @@ class JobLogStore:
         tenant (checked before executing it: a forged or stray event runs nothing)."""
         if not events:  # a batch of dead letters and poison: nothing to ask
             return []
-        return await self._answer(_check, events)
+        return await self._answer(_check, events, refused=Standing.REFUSED)
 
     async def record(
         self, rows: Sequence[JobRow], *, traces: Sequence[trace.Span]
@@ -237,7 +239,7 @@ class JobLogStore:
             for parent in traces
         ]
         try:
-            recorded = await self._answer(_write, rows)
+            recorded = await self._answer(_write, rows, refused=Recorded.REFUSED)
         finally:
             for span in spans:
                 span.end()
@@ -249,22 +251,28 @@ class JobLogStore:
         return recorded
 
     async def _answer(
-        self, statement: Statement[Item, Answer], items: Sequence[Item]
+        self, statement: Statement[Item, Answer], items: Sequence[Item], *, refused: Answer
     ) -> list[Answer]:
+        """The statement's answers; an item the database refuses (bad values, not an outage)
+        gets ``refused``, and the others their own answers."""
         try:
             return await self._retrying(statement, items)
         except ShuttingDown:
             raise
         except Exception as exc:
             if len(items) == 1:
-                raise
+                logger.error(
+                    "the database refused an item; it will be dead-lettered",
+                    extra={"statement": statement.__name__, "error": repr(exc)},
+                )
+                return [refused]
             logger.warning(
                 "batch refused; retrying its items one by one",
                 extra={"size": len(items), "error": repr(exc)},
             )
         answers: list[Answer] = []
         for item in items:
-            answers.extend(await self._answer(statement, [item]))
+            answers.extend(await self._answer(statement, [item], refused=refused))
         return answers
 
     async def _run(self, statement: Statement[Item, Answer], items: Sequence[Item]) -> list[Answer]:

@@ -241,6 +241,74 @@ class TestPoison:
         # Another tenant's campaign is never run on a forged event's say-so.
         assert forged.event_id not in {event.event_id for event in executions}
 
+    async def test_an_event_whose_row_the_database_refuses_is_dead_lettered_alone(
+        self,
+        campaign_client: httpx.AsyncClient,
+        headers: dict[str, str],
+        amqp_url: str,
+        rabbit_admin: RabbitAdmin,
+        vhost: str,
+        db: asyncpg.Connection,
+    ) -> None:
+        # A forged event for a real campaign, with a NUL character that jsonb refuses, sent
+        # between two good events: it is dead-lettered at once with the reason, not requeued
+        # until the delivery limit, and the good ones get their rows.
+        good = [await create_campaign(campaign_client, headers, f"good {i}") for i in range(2)]
+        jobs = [(await wait_for_jobs(campaign_client, headers, c["id"]))[0] for c in good]
+        await db.execute(
+            "DELETE FROM campaign_job_logs WHERE event_id = any($1::uuid[])",
+            [uuid.UUID(job["event_id"]) for job in jobs],
+        )
+        forged = {**jobs[0]["payload"], "event_id": str(uuid.uuid4()), "name": "bad\u0000name"}
+
+        await publish_raw(amqp_url, json.dumps(jobs[0]["payload"]).encode())
+        await publish_raw(amqp_url, json.dumps(forged).encode())
+        await publish_raw(amqp_url, json.dumps(jobs[1]["payload"]).encode())
+        [message] = await dead_letters(rabbit_admin, vhost)
+
+        assert message["properties"]["headers"][ERROR_TYPE_HEADER] == "PoisonMessage"
+        assert "refuses" in message["properties"]["headers"][ERROR_MESSAGE_HEADER]
+        assert message["properties"]["headers"]["x-death"][0]["count"] == 1
+        for campaign in good:
+            assert steps(await wait_for_jobs(campaign_client, headers, campaign["id"])) == [
+                ("success", 1)
+            ]
+
+
+class TestOddHeaders:
+    @pytest.mark.parametrize(
+        "odd",
+        [{"traceparent": 12345}, {"x-attempt": "many"}],
+        ids=["traceparent-not-text", "attempt-not-a-number"],
+    )
+    async def test_an_event_with_odd_headers_is_processed(
+        self,
+        campaign_client: httpx.AsyncClient,
+        headers: dict[str, str],
+        amqp_url: str,
+        rabbit_admin: RabbitAdmin,
+        vhost: str,
+        db: asyncpg.Connection,
+        odd: dict[str, Any],
+    ) -> None:
+        campaign = await create_campaign(campaign_client, headers, "odd headers")
+        [job] = await wait_for_jobs(campaign_client, headers, campaign["id"])
+        await db.execute(
+            "DELETE FROM campaign_job_logs WHERE event_id = $1", uuid.UUID(job["event_id"])
+        )
+
+        await publish_raw(amqp_url, json.dumps(job["payload"]).encode(), headers=odd)
+        jobs = await wait_for_jobs(campaign_client, headers, campaign["id"])
+
+        assert steps(jobs) == [("success", 1)]  # a header it cannot read counts as attempt 1
+        queue = await eventually(
+            lambda: rabbit_admin.queue(vhost, "worker.campaign.created"),
+            until=lambda q: q.get("messages_unacknowledged") == 0,
+            timeout=15,
+            what="nothing left unacknowledged",
+        )
+        assert queue["messages_unacknowledged"] == 0
+
 
 class TestDuplicates:
     async def test_the_same_event_three_times_gives_one_success(
