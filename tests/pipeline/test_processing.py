@@ -34,6 +34,20 @@ async def dead_letters(rabbit_admin: RabbitAdmin, vhost: str, count: int = 1) ->
     )
 
 
+async def unprocessed(
+    client: httpx.AsyncClient, headers: dict[str, str], db: asyncpg.Connection, name: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A campaign and its event as if the event had never been processed: created through the
+    API, processed, then its rows deleted. Returns the campaign and its job (the event is the
+    job's payload)."""
+    campaign = await create_campaign(client, headers, name)
+    [job] = await wait_for_jobs(client, headers, campaign["id"])
+    await db.execute(
+        "DELETE FROM campaign_job_logs WHERE event_id = $1", uuid.UUID(job["event_id"])
+    )
+    return campaign, job
+
+
 async def handled(worker: FastAPI, **expected: int) -> dict[str, float]:
     """The worker's outcome counts once they reach ``expected`` (read from its /metrics)."""
     return await eventually(
@@ -253,12 +267,8 @@ class TestPoison:
         # A forged event for a real campaign, with a NUL character that jsonb refuses, sent
         # between two good events: it is dead-lettered at once with the reason, not requeued
         # until the delivery limit, and the good ones get their rows.
-        good = [await create_campaign(campaign_client, headers, f"good {i}") for i in range(2)]
-        jobs = [(await wait_for_jobs(campaign_client, headers, c["id"]))[0] for c in good]
-        await db.execute(
-            "DELETE FROM campaign_job_logs WHERE event_id = any($1::uuid[])",
-            [uuid.UUID(job["event_id"]) for job in jobs],
-        )
+        made = [await unprocessed(campaign_client, headers, db, f"good {i}") for i in range(2)]
+        good, jobs = [campaign for campaign, _ in made], [job for _, job in made]
         forged = {**jobs[0]["payload"], "event_id": str(uuid.uuid4()), "name": "bad\u0000name"}
 
         await publish_raw(amqp_url, json.dumps(jobs[0]["payload"]).encode())
@@ -291,11 +301,7 @@ class TestOddHeaders:
         db: asyncpg.Connection,
         odd: dict[str, Any],
     ) -> None:
-        campaign = await create_campaign(campaign_client, headers, "odd headers")
-        [job] = await wait_for_jobs(campaign_client, headers, campaign["id"])
-        await db.execute(
-            "DELETE FROM campaign_job_logs WHERE event_id = $1", uuid.UUID(job["event_id"])
-        )
+        campaign, job = await unprocessed(campaign_client, headers, db, "odd headers")
 
         await publish_raw(amqp_url, json.dumps(job["payload"]).encode(), headers=odd)
         jobs = await wait_for_jobs(campaign_client, headers, campaign["id"])
@@ -351,11 +357,7 @@ class TestDuplicates:
     ) -> None:
         # The campaign exists but its event was never processed: ten copies arrive at once and
         # race each other through the worker (prefetch 10), not one after another.
-        campaign = await create_campaign(campaign_client, headers, "racing")
-        [job] = await wait_for_jobs(campaign_client, headers, campaign["id"])
-        await db.execute(
-            "DELETE FROM campaign_job_logs WHERE event_id = $1", uuid.UUID(job["event_id"])
-        )
+        campaign, job = await unprocessed(campaign_client, headers, db, "racing")
         body = json.dumps(job["payload"]).encode()
 
         for _ in range(10):
