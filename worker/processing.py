@@ -168,7 +168,10 @@ class CampaignProcessor:
             self._metrics.in_flight.dec(len(batch))
             elapsed = time.perf_counter() - started
             for delivery in batch:
-                self._finish(delivery, elapsed)
+                try:
+                    self._finish(delivery, elapsed)
+                except Exception:  # settled already: nothing here may give it back again
+                    logger.exception("could not log, count or end the span of a delivery")
 
     async def requeue(self, messages: Sequence[AbstractIncomingMessage]) -> None:
         """Give back deliveries prefetched but not started when the worker stops."""
