@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import uvicorn
 
+from shared.heap import freeze_once_started
 from worker.app import create_app
 from worker.settings import WorkerSettings
 
@@ -14,7 +15,7 @@ from worker.settings import WorkerSettings
 def main() -> None:
     settings = WorkerSettings()
     uvicorn.run(
-        create_app(settings),
+        freeze_once_started(create_app(settings)),
         host=settings.worker_metrics_host,
         port=settings.worker_metrics_port,
         log_config=None,

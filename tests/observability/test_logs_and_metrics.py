@@ -49,6 +49,13 @@ class TestLogs:
                 record = json.loads(line)  # fails on any line that is not JSON
                 assert {"timestamp", "level", "service", "message"} <= set(record), line
 
+    async def test_every_start_command_froze_its_start_up_heap(self, stack: Stack) -> None:
+        # What start-up made is out of the collector's reach (shared/heap.py): far more objects
+        # than a process makes per request, or full collections would walk them again.
+        for process in stack.processes:
+            [frozen] = process.logged("start-up heap frozen")
+            assert frozen["objects"] > 50_000, (process.log_path, frozen)
+
     async def test_uvicorn_access_lines_are_json_with_request_fields(
         self, stack: Stack, tenant: str
     ) -> None:
