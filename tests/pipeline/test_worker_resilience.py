@@ -25,7 +25,7 @@ from tests.support.metrics import outcomes, parse, value
 from tests.support.polling import eventually
 from tests.support.processes import ServiceProcess
 from tests.support.proxy import TcpProxy
-from tests.support.rabbit import RabbitAdmin, publish_raw
+from tests.support.rabbit import PrivateRabbitNode, RabbitAdmin, publish_raw
 from worker.app import create_app as create_worker_app
 
 WorkerFactory = Callable[..., ServiceProcess]
@@ -372,3 +372,30 @@ class TestMixedBatch:
         log = worker.log_path.read_text()
         assert "unknown delivery tag" not in log
         assert "could not" not in log
+
+
+class TestStoppedDuringBrokerOutage:
+    async def test_sigterm_while_rabbitmq_is_down_stops_the_worker(
+        self, start_worker: WorkerFactory, private_rabbit: PrivateRabbitNode
+    ) -> None:
+        worker = start_worker(RABBITMQ_URL=private_rabbit.url)
+        await worker.start()
+        await worker.wait_ready()
+
+        await private_rabbit.stop_app()
+        try:
+
+            async def ready() -> int:
+                async with httpx.AsyncClient() as client:
+                    return (await client.get(f"{worker.url}/ready")).status_code
+
+            await eventually(ready, until=lambda code: code == 503, what="the outage noticed")
+            worker.signal(signal.SIGTERM)
+            # Stopping does not wait for the broker to come back (aio-pika would wait for the
+            # reconnection to cancel the consumer).
+            code = await worker.wait(timeout=20)
+        finally:
+            await private_rabbit.start_app()
+
+        assert code == -signal.SIGTERM
+        assert worker.logged("stopped")
