@@ -189,8 +189,8 @@ class CampaignProcessor:
         except ShuttingDown:
             await self._give_back_all(batch, "worker stopping")
         except Exception:
-            # Unexpected (a bug, the database refusing a row): give the messages back, after a
-            # pause so a persistent fault does not spin. The queue's delivery limit dead-letters
+            # Unexpected (a bug): give the unsettled messages back, after a pause so a
+            # persistent fault does not spin. The queue's delivery limit dead-letters
             # a message that keeps failing this way: the give-back counts as a failed delivery.
             logger.exception("processing failed unexpectedly; requeueing")
             await asyncio.sleep(1.0)
