@@ -91,6 +91,8 @@ def create_app(settings: WorkerSettings | None = None) -> FastAPI:
                 await declare_core(broker)
                 await declare_retry_ladder(broker, settings.retry_delays_in_use)
                 await broker.start()
+                # On the broker's default channel, which must carry no other consumer: the
+                # batches' basic.ack(multiple=True) covers every earlier delivery on it.
                 await consumer.start(await broker.declare_queue(WORKER_QUEUE))
                 logger.info(
                     "consuming",
