@@ -366,7 +366,8 @@ class TestMixedBatch:
             "PoisonMessage",
             "PoisonMessage",
         ]
-        assert queue["consumers"] == 1
+        assert queue["messages_unacknowledged"] == 0
+        assert await consumers(amqp_url, "worker.campaign.created") == 1  # still attached
         # One channel throughout: an ack that named a delivery already settled would have
         # made the broker close it ("unknown delivery tag") and the worker reconnect.
         log = worker.log_path.read_text()
