@@ -27,20 +27,11 @@ logger = logging.getLogger(__name__)
 
 Delivery = AbstractIncomingMessage
 Handler = Callable[[list[Delivery]], Awaitable[None]]
-Requeue = Callable[[list[Delivery]], Awaitable[None]]
+# Gives deliveries back to the queue; ``failed`` ones spend a delivery (basic.reject).
+Requeue = Callable[[list[Delivery], bool], Awaitable[None]]
 
 
 _CANCEL_SECONDS = 5.0
-
-
-async def _give_back_unsettled(batch: list[Delivery]) -> None:
-    """Requeue what a failed batch left unsettled: the next batch's ``ack(multiple=True)`` would
-    otherwise acknowledge it unprocessed. A ``reject``, so a delivery that keeps failing is
-    dead-lettered by the queue's delivery limit."""
-    for delivery in batch:
-        if not delivery.processed:
-            with contextlib.suppress(Exception):  # a closed channel: the broker redelivers it
-                await delivery.reject(requeue=True)
 
 
 class BatchConsumer:
@@ -83,7 +74,9 @@ class BatchConsumer:
                 await self._handle(batch)
             except Exception:  # the handler settles its own failures; this is a last resort
                 logger.exception("batch handler failed; giving its deliveries back")
-                await _give_back_unsettled(batch)
+                # The next batch's ack(multiple=True) would otherwise acknowledge them
+                # unprocessed; as failed deliveries, so the delivery limit ends a loop.
+                await self._requeue([d for d in batch if not d.processed], True)
             finally:
                 self._busy = False
 
@@ -112,4 +105,4 @@ class BatchConsumer:
         while not self._buffer.empty():
             waiting.append(self._buffer.get_nowait())
         if waiting:
-            await self._requeue(waiting)
+            await self._requeue(waiting, False)

@@ -40,6 +40,7 @@ from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
 from aio_pika.exceptions import ChannelInvalidStateError
+from faststream.opentelemetry.consts import MESSAGING_DESTINATION_PUBLISH_NAME
 from faststream.rabbit import RabbitBroker
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -105,7 +106,7 @@ def _process_span(message: AbstractIncomingMessage) -> trace.Span:
             SpanAttributes.MESSAGING_MESSAGE_ID: message.message_id or "",
             SpanAttributes.MESSAGING_MESSAGE_PAYLOAD_SIZE_BYTES: len(message.body),
             SpanAttributes.MESSAGING_RABBITMQ_DESTINATION_ROUTING_KEY: message.routing_key or "",
-            "messaging.destination_publish.name": message.exchange or "",
+            MESSAGING_DESTINATION_PUBLISH_NAME: message.exchange or "",
         },
     )
 
@@ -173,10 +174,12 @@ class CampaignProcessor:
                 except Exception:  # settled already: nothing here may give it back again
                     logger.exception("could not log, count or end the span of a delivery")
 
-    async def requeue(self, messages: Sequence[AbstractIncomingMessage]) -> None:
-        """Give back deliveries prefetched but not started when the worker stops."""
+    async def requeue(self, messages: Sequence[AbstractIncomingMessage], failed: bool) -> None:
+        """Give back deliveries no batch settled: prefetched ones when the worker stops, or
+        those of a batch that failed outside :meth:`handle_batch`'s own handling (``failed``)."""
+        reason = "unexpected error" if failed else "worker stopping"
         for message in messages:
-            await _give_back(message, "worker stopping", failed=False)
+            await _give_back(message, reason, failed=failed)
         self._metrics.messages.labels(Outcome.REQUEUED.value).inc(len(messages))
 
     async def _settle(self, batch: list[_Delivery]) -> None:
