@@ -315,6 +315,52 @@ class TestUnexpectedError:
         assert rejected == [True]
         assert await rabbit_admin.peek(vhost, "campaign.deadletter") == []
 
+    async def test_a_batch_that_fails_outright_is_given_back_not_acked_by_the_next(
+        self,
+        monkeypatch: pytest.MonkeyPatch,
+        database_url: str,
+        amqp_url: str,
+        campaign_client: httpx.AsyncClient,
+        headers: dict[str, str],
+        rabbit_admin: RabbitAdmin,
+        vhost: str,
+    ) -> None:
+        # A failure outside the processor's own handling (before it settles anything): the
+        # consumer gives the batch back, so the next batch's ack(multiple=True) cannot cover it.
+        from worker.processing import CampaignProcessor
+
+        handle_batch = CampaignProcessor.handle_batch
+        calls = 0
+
+        async def broken_once(processor: CampaignProcessor, messages: Any) -> None:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise RuntimeError("a bug before anything was settled")
+            await handle_batch(processor, messages)
+
+        monkeypatch.setattr(CampaignProcessor, "handle_batch", broken_once)
+        worker = create_worker_app(make_worker_settings(database_url, amqp_url))
+        async with worker.router.lifespan_context(worker):
+            await wait_ready(worker)
+            first = await create_campaign(campaign_client, headers, "in the failed batch")
+
+            async def batches() -> int:
+                return calls
+
+            await eventually(batches, until=lambda n: n >= 1, what="the failed batch")
+            second = await create_campaign(campaign_client, headers, "in the next batch")
+            jobs = [
+                await wait_for_jobs(campaign_client, headers, c["id"], timeout=15)
+                for c in (first, second)
+            ]
+            settled = await outcomes(worker)
+
+        assert [steps(j) for j in jobs] == [[("success", 1)], [("success", 1)]]
+        assert settled["requeued"] == 1
+        assert settled["success"] == 2
+        assert await rabbit_admin.peek(vhost, "campaign.deadletter") == []
+
 
 class TestMixedBatch:
     async def test_every_kind_of_delivery_in_one_batch_is_settled_as_if_alone(
