@@ -3,8 +3,9 @@
 - ``OTEL_SERVICE_NAME`` (default: the service's own name), ``OTEL_RESOURCE_ATTRIBUTES``;
 - ``OTEL_TRACES_SAMPLER`` / ``OTEL_TRACES_SAMPLER_ARG`` (default: parent-based, always on);
 - ``OTEL_EXPORTER_OTLP_ENDPOINT`` or ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``: spans are exported
-  over OTLP/HTTP (protobuf) when one is set; without one, spans still exist (trace ids reach
-  the logs, the AMQP headers and the job rows) but are not sent anywhere;
+  over OTLP/HTTP (protobuf, encoded by ``shared/otlp.py``) when one is set; without one, spans
+  still exist (trace ids reach the logs, the AMQP headers and the job rows) but are not sent
+  anywhere;
 - ``OTEL_TRACES_EXPORTER=none`` or ``OTEL_SDK_DISABLED=true`` turn export or tracing off;
 - ``OTEL_BSP_*`` tune the export queue; its size defaults to 16,384 spans here (the SDK's 2,048
   is less than a burst of the worker's batches holds, and a full queue drops spans).
@@ -30,7 +31,6 @@ from faststream.rabbit.opentelemetry.provider import RabbitTelemetrySettingsProv
 from faststream.rabbit.response import RabbitPublishCommand
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
-from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
@@ -38,6 +38,8 @@ from opentelemetry.sdk.trace import TracerProvider, sampling
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.semconv.trace import SpanAttributes
 from opentelemetry.util.types import Attributes
+
+from shared.otlp import DirectOTLPSpanExporter
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +64,7 @@ def configure_tracing(service_name: str) -> TracerProvider:
     provider = TracerProvider(resource=Resource.create(attributes), sampler=sampler)
     if _exporting():
         provider.add_span_processor(
-            BatchSpanProcessor(OTLPSpanExporter(), max_queue_size=_export_queue_size())
+            BatchSpanProcessor(DirectOTLPSpanExporter(), max_queue_size=_export_queue_size())
         )
     trace.set_tracer_provider(provider)
     atexit.register(provider.shutdown)  # flush the last spans when the process ends

@@ -1,0 +1,223 @@
+"""The platform's OTLP encoding writes the bytes the SDK's encoder writes, for every kind of span,
+and its exporter delivers them to an OTLP/HTTP receiver."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+from opentelemetry import propagate, trace
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans as sdk_encode
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+from opentelemetry.util.types import AttributeValue
+
+from shared.otlp import DirectOTLPSpanExporter, encode_spans
+from tests.support.otlp import OtlpReceiver
+
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+VALUES: dict[str, AttributeValue] = {
+    "text": "rabbitmq",
+    "empty": "",
+    "unicode": "naïve ✓ 東京",
+    "long": "x" * 20_000,  # a length that takes three bytes to write
+    "true": True,
+    "false": False,
+    "zero": 0,
+    "negative": -1,
+    "int64.max": 2**63 - 1,
+    "int64.min": -(2**63),
+    "float.zero": 0.0,
+    "float": -1.5,
+    "float.huge": 1e300,
+    "texts": ("a", "", "ü"),
+    "ints": (1, -2, 2**40),
+    "floats": (0.5, -0.0),
+    "bools": (True, False),
+    "none.of.them": (),
+    "bytes": b"\x00\xff raw",
+}
+
+
+def _provider(resource: Resource, exporter: InMemorySpanExporter) -> TracerProvider:
+    limits = SpanLimits(max_span_attributes=len(VALUES), max_events=3, max_links=2)
+    provider = TracerProvider(resource=resource, span_limits=limits)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return provider
+
+
+@pytest.fixture
+def spans() -> Iterator[list[ReadableSpan]]:
+    """Spans of every kind, field and value, from two resources and several scopes, their
+    resources and scopes interleaved."""
+    exporter = InMemorySpanExporter()
+    service = _provider(
+        Resource({"service.name": "campaign_service", "service.instance.id": 7}),
+        exporter,
+    )
+    other = _provider(
+        Resource({"service.name": "worker", "host.cores": 2}, schema_url="https://x.test/1.2"),
+        exporter,
+    )
+    web = service.get_tracer("web", "1.0", schema_url="https://x.test/1.1")
+    db = service.get_tracer("db", attributes={"scope.kind": "driver", "scope.level": 3})
+    unnamed = other.get_tracer("")
+    remote = trace.get_current_span(propagate.extract({"traceparent": TRACEPARENT}))
+    state = trace.TraceState([("vendor", "value"), ("other", "1")])
+    with_state = trace.NonRecordingSpan(
+        trace.SpanContext(
+            0x1234, 0x5678, is_remote=True, trace_flags=trace.TraceFlags(1), trace_state=state
+        )
+    )
+
+    with web.start_as_current_span("POST /campaigns", kind=SpanKind.SERVER) as root:
+        root.set_attributes(VALUES)
+        root.set_attribute("one.too.many", "dropped")
+        for n in range(5):  # two more than the limit
+            root.add_event(f"event {n}", {"n": n} if n % 2 else None)
+        root.add_event("timed", timestamp=1_700_000_000_000_000_123)
+        db.start_span("INSERT campaigns", kind=SpanKind.CLIENT).end()
+        with web.start_as_current_span("", kind=SpanKind.PRODUCER) as unnamed_span:
+            unnamed_span.set_status(Status(StatusCode.OK))
+        db.start_span("SELECT", attributes={"db.system": "postgresql"}).end()
+    unnamed.start_span(
+        "campaigns.campaign.created process",
+        context=trace.set_span_in_context(remote),
+        kind=SpanKind.CONSUMER,
+        links=[
+            Link(remote.get_span_context(), {"link.kind": "follows"}),
+            Link(with_state.get_span_context()),
+            Link(root.get_span_context()),  # over the limit of two
+        ],
+    ).end()
+    failed = web.start_span("failed", context=trace.set_span_in_context(with_state))
+    failed.set_status(Status(StatusCode.ERROR, "campaign failed: ünknown"))
+    failed.end()
+    errored = web.start_span("errored", kind=SpanKind.INTERNAL)
+    errored.set_status(Status(StatusCode.ERROR))
+    errored.end()
+    yield list(exporter.get_finished_spans())
+    service.shutdown()
+    other.shutdown()
+
+
+class TestEncoding:
+    def test_every_kind_of_span_is_written_as_the_sdk_writes_it(
+        self, spans: list[ReadableSpan]
+    ) -> None:
+        expected = sdk_encode(spans)
+
+        encoded = encode_spans(spans)
+
+        assert encoded == expected.SerializeToString()
+        assert ExportTraceServiceRequest.FromString(encoded) == expected
+
+    def test_resources_and_scopes_are_grouped_as_the_sdk_groups_them(
+        self, spans: list[ReadableSpan]
+    ) -> None:
+        request = ExportTraceServiceRequest.FromString(encode_spans(spans))
+
+        groups = [
+            (
+                {a.key: a.value.string_value for a in resource.resource.attributes}["service.name"],
+                scope.scope.name,
+                [span.name for span in scope.spans],
+            )
+            for resource in request.resource_spans
+            for scope in resource.scope_spans
+        ]
+        assert groups == [
+            ("campaign_service", "db", ["INSERT campaigns", "SELECT"]),
+            ("campaign_service", "web", ["", "POST /campaigns", "failed", "errored"]),
+            ("worker", "", ["campaigns.campaign.created process"]),
+        ]
+
+    def test_what_was_dropped_is_counted(self, spans: list[ReadableSpan]) -> None:
+        request = ExportTraceServiceRequest.FromString(encode_spans(spans))
+        by_name = {
+            span.name: span
+            for resource in request.resource_spans
+            for scope in resource.scope_spans
+            for span in scope.spans
+        }
+
+        root = by_name["POST /campaigns"]
+        assert (root.dropped_attributes_count, len(root.events), root.dropped_events_count) == (
+            1,
+            3,
+            3,
+        )
+        consumer = by_name["campaigns.campaign.created process"]
+        assert (len(consumer.links), consumer.dropped_links_count) == (2, 1)
+        assert consumer.parent_span_id.hex() == "b7ad6b7169203331"
+
+    def test_a_value_that_cannot_be_written_is_left_out_as_the_sdk_leaves_it_out(self) -> None:
+        exporter = InMemorySpanExporter()
+        provider = _provider(Resource({"service.name": "x", "too.big": 2**64}), exporter)
+        provider.get_tracer("t").start_span(
+            "odd values", attributes={"too.big": 2**64, "surrogate": "a\udcff", "kept": 1}
+        ).end()
+        spans = exporter.get_finished_spans()
+
+        encoded = encode_spans(spans)
+
+        assert encoded == sdk_encode(spans).SerializeToString()
+        request = ExportTraceServiceRequest.FromString(encoded)
+        span = request.resource_spans[0].scope_spans[0].spans[0]
+        assert [a.key for a in span.attributes] == ["kept"]
+        assert [a.key for a in request.resource_spans[0].resource.attributes] == ["service.name"]
+
+    def test_no_spans_make_an_empty_request(self) -> None:
+        assert encode_spans([]) == sdk_encode([]).SerializeToString() == b""
+
+
+class TestExporter:
+    async def test_spans_reach_an_otlp_receiver(self, spans: list[ReadableSpan]) -> None:
+        receiver = OtlpReceiver()
+        async with receiver.running():
+            exporter = DirectOTLPSpanExporter(endpoint=f"{receiver.endpoint}/v1/traces")
+
+            result = await asyncio.to_thread(exporter.export, spans)
+            exporter.shutdown()
+
+        assert result is SpanExportResult.SUCCESS
+        received = {span.name: span for span in receiver.spans}
+        assert len(receiver.spans) == len(spans)
+        assert received["campaigns.campaign.created process"].service == "worker"
+        assert received["campaigns.campaign.created process"].trace_id == TRACEPARENT[3:35]
+        assert received["POST /campaigns"].attributes["unicode"] == "naïve ✓ 東京"
+        assert received["POST /campaigns"].attributes["ints"] == [1, -2, 2**40]
+        assert received["failed"].status == "ERROR"
+
+    async def test_a_receiver_that_refuses_is_a_failed_export(
+        self, spans: list[ReadableSpan]
+    ) -> None:
+        receiver = OtlpReceiver()
+        async with receiver.running():
+            exporter = DirectOTLPSpanExporter(endpoint=f"{receiver.endpoint}/v1/nothing-here")
+
+            result = await asyncio.to_thread(exporter.export, spans)
+            exporter.shutdown()
+
+        assert result is SpanExportResult.FAILURE
+        assert receiver.spans == []
+
+    def test_nothing_is_sent_after_shutdown(self, spans: list[ReadableSpan]) -> None:
+        exporter = DirectOTLPSpanExporter(endpoint="http://127.0.0.1:9/v1/traces")
+        exporter.shutdown()
+
+        assert exporter.export(spans) is SpanExportResult.FAILURE
+
+    def test_a_request_over_the_size_limit_is_dropped(self, spans: list[ReadableSpan]) -> None:
+        exporter = DirectOTLPSpanExporter(
+            endpoint="http://127.0.0.1:9/v1/traces", max_request_size=1024
+        )
+
+        assert exporter.export(spans) is SpanExportResult.FAILURE
+        exporter.shutdown()
