@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -147,6 +148,23 @@ _SPAN_ATTRIBUTES = {
 }
 
 
+def _insert_span(
+    parent: trace.Span, started: int, attributes: dict[str, Any], *, error: bool = False
+) -> None:
+    """A row's insert span, in its delivery's trace, made once the statement has answered (with
+    the statement's start time): every attribute given at once, the cheapest way to make one."""
+    span = tracer.start_span(
+        "INSERT campaign_job_logs",
+        context=trace.set_span_in_context(parent),
+        kind=trace.SpanKind.CLIENT,
+        attributes={**_SPAN_ATTRIBUTES, **attributes},
+        start_time=started,
+    )
+    if error:
+        span.set_status(trace.StatusCode.ERROR)
+    span.end()
+
+
 async def _check(connection: AsyncConnection, events: Sequence[CampaignCreated]) -> list[Standing]:
     params = {
         "ords": list(range(len(events))),
@@ -229,25 +247,16 @@ class JobLogStore:
 
         ``traces`` are the deliveries' spans, one a row: each row's insert is a span of its own
         delivery's trace, though one statement serves the whole batch."""
-        spans = [
-            tracer.start_span(
-                "INSERT campaign_job_logs",
-                context=trace.set_span_in_context(parent),
-                kind=trace.SpanKind.CLIENT,
-                attributes=_SPAN_ATTRIBUTES,
-            )
-            for parent in traces
-        ]
+        started = time.time_ns()
         try:
             recorded = await self._answer(_write, rows, refused=Recorded.REFUSED)
-        finally:
-            for span in spans:
-                span.end()
-        for span, outcome in zip(spans, recorded, strict=True):
-            if span.is_recording():
-                span.set_attributes(
-                    {"db.batch.size": len(rows), "campaign.recorded": outcome.value}
-                )
+        except BaseException as exc:
+            for parent in traces:
+                _insert_span(parent, started, {"error.type": type(exc).__name__}, error=True)
+            raise
+        for parent, outcome in zip(traces, recorded, strict=True):
+            attributes = {"db.batch.size": len(rows), "campaign.recorded": outcome.value}
+            _insert_span(parent, started, attributes)
         return recorded
 
     async def _answer(

@@ -118,6 +118,8 @@ def assert_request_to_row_chain(spans: list[ReceivedSpan], event_id: str) -> Non
     [row_insert] = job_log_insert(spans)
     assert row_insert.kind == "CLIENT"
     assert process in ancestors(row_insert, spans)
+    assert row_insert.attributes["campaign.recorded"] == "written"
+    assert row_insert.attributes["db.batch.size"] >= 1
 
 
 class TestOneTracePerCampaign:
