@@ -22,7 +22,7 @@ import asyncpg
 from fastapi import FastAPI, Request
 from pydantic import BaseModel
 
-from shared.telemetry import configure_tracing, instrument_app
+from shared.telemetry import NO_NATIVE_TELEMETRY, configure_tracing, instrument_app
 
 TENANT = "bench"
 
@@ -41,7 +41,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     await app.state.pool.close()
 
 
-app = FastAPI(lifespan=lifespan)
+# As the services: FastAPI's own tracing off (once a tracer provider exists it would trace every
+# request a second time), the platform's instrumentation on when asked for.
+app = FastAPI(lifespan=lifespan, telemetry=NO_NATIVE_TELEMETRY)
 if os.environ.get("BARE_TRACING") == "true":
     instrument_app(app, configure_tracing("bare"))
 
