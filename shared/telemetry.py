@@ -11,7 +11,7 @@
   is less than a burst of the worker's batches holds, and a full queue drops spans).
 
 One trace per campaign: the HTTP server span (FastAPI instrumentation), the database spans
-(asyncpg instrumentation), the publish span (FastStream's telemetry middleware, W3C
+(asyncpg instrumentation), the publish span (:class:`RabbitTracing`, broker middleware, W3C
 ``traceparent`` in the AMQP headers), the worker's process span (``worker/processing.py``, from
 those headers), and the job row's insert.
 """
@@ -21,13 +21,12 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.telemetry import TelemetryConfig
-from faststream.opentelemetry.middleware import TelemetryMiddleware
-from faststream.rabbit.opentelemetry.provider import RabbitTelemetrySettingsProvider
+from faststream import BaseMiddleware, ContextRepo
 from faststream.rabbit.response import RabbitPublishCommand
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
@@ -37,7 +36,7 @@ from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider, sampling
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.semconv.trace import SpanAttributes
-from opentelemetry.util.types import Attributes
+from opentelemetry.util.types import Attributes, AttributeValue
 
 from shared.otlp import DirectOTLPSpanExporter
 
@@ -139,26 +138,49 @@ def instrument_app(app: FastAPI, provider: TracerProvider) -> None:
     )
 
 
-class _SettingsProvider(RabbitTelemetrySettingsProvider):
-    """FastStream's RabbitMQ span attributes, plus the message id on publish spans."""
+class RabbitTracing:
+    """Broker middleware: a PRODUCER span for every publish (``<exchange>.<routing key>
+    publish``, as FastStream names its own), with its W3C context in the message's AMQP headers,
+    so the consumer's span is its child.
 
-    def get_publish_attrs_from_cmd(self, cmd: RabbitPublishCommand) -> dict[str, Any]:
-        attributes = super().get_publish_attrs_from_cmd(cmd)
-        message_id = cmd.message_options.get("message_id")
-        if message_id:
-            attributes[SpanAttributes.MESSAGING_MESSAGE_ID] = message_id
-        return attributes
-
-
-class RabbitTracing(TelemetryMiddleware[RabbitPublishCommand]):
-    """FastStream's telemetry middleware for RabbitMQ: W3C trace context in the AMQP headers,
-    a span per publish and per processed message."""
+    One span a publish: FastStream's own telemetry middleware records a second ("create") for
+    every message, which the trace does not need. Nothing on the platform consumes through a
+    FastStream subscriber (the worker makes its own process spans), so there is no consume side.
+    """
 
     def __init__(self, provider: TracerProvider) -> None:
-        super().__init__(
-            settings_provider_factory=lambda _: _SettingsProvider(),
-            tracer_provider=provider,
-        )
+        self._tracer = provider.get_tracer(__name__)
+
+    def __call__(self, msg: Any | None, /, *, context: ContextRepo) -> _PublishSpan:
+        return _PublishSpan(msg, context=context, tracer=self._tracer)
+
+
+class _PublishSpan(BaseMiddleware[RabbitPublishCommand, Any]):
+    def __init__(self, msg: Any | None, /, *, context: ContextRepo, tracer: trace.Tracer) -> None:
+        super().__init__(msg, context=context)
+        self._tracer = tracer
+
+    async def publish_scope(
+        self, call_next: Callable[[RabbitPublishCommand], Awaitable[Any]], cmd: RabbitPublishCommand
+    ) -> Any:
+        exchange = cmd.exchange.name
+        attributes: dict[str, AttributeValue] = {
+            SpanAttributes.MESSAGING_SYSTEM: "rabbitmq",
+            SpanAttributes.MESSAGING_OPERATION: "publish",
+            SpanAttributes.MESSAGING_DESTINATION_NAME: exchange,
+            SpanAttributes.MESSAGING_RABBITMQ_DESTINATION_ROUTING_KEY: cmd.destination,
+        }
+        if message_id := cmd.message_options.get("message_id"):
+            attributes[SpanAttributes.MESSAGING_MESSAGE_ID] = message_id
+        if cmd.correlation_id:
+            attributes[SpanAttributes.MESSAGING_MESSAGE_CONVERSATION_ID] = cmd.correlation_id
+        with self._tracer.start_as_current_span(
+            f"{exchange or 'default'}.{cmd.destination} publish",
+            kind=trace.SpanKind.PRODUCER,
+            attributes=attributes,
+        ):
+            propagate.inject(cmd.headers)
+            return await call_next(cmd)
 
 
 def current_trace_context() -> dict[str, str]:
