@@ -177,14 +177,21 @@ class TestEncoding:
         assert encode_spans([]) == sdk_encode([]).SerializeToString() == b""
 
 
+async def _export(spans: list[ReadableSpan], receiver: OtlpReceiver, path: str) -> SpanExportResult:
+    """Export the spans to the receiver's ``path``, from a thread as the span processor does."""
+    async with receiver.running():
+        exporter = DirectOTLPSpanExporter(endpoint=f"{receiver.endpoint}{path}")
+        try:
+            return await asyncio.to_thread(exporter.export, spans)
+        finally:
+            exporter.shutdown()
+
+
 class TestExporter:
     async def test_spans_reach_an_otlp_receiver(self, spans: list[ReadableSpan]) -> None:
         receiver = OtlpReceiver()
-        async with receiver.running():
-            exporter = DirectOTLPSpanExporter(endpoint=f"{receiver.endpoint}/v1/traces")
 
-            result = await asyncio.to_thread(exporter.export, spans)
-            exporter.shutdown()
+        result = await _export(spans, receiver, "/v1/traces")
 
         assert result is SpanExportResult.SUCCESS
         received = {span.name: span for span in receiver.spans}
@@ -199,11 +206,8 @@ class TestExporter:
         self, spans: list[ReadableSpan]
     ) -> None:
         receiver = OtlpReceiver()
-        async with receiver.running():
-            exporter = DirectOTLPSpanExporter(endpoint=f"{receiver.endpoint}/v1/nothing-here")
 
-            result = await asyncio.to_thread(exporter.export, spans)
-            exporter.shutdown()
+        result = await _export(spans, receiver, "/v1/nothing-here")
 
         assert result is SpanExportResult.FAILURE
         assert receiver.spans == []
