@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 from opentelemetry import propagate, trace
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans as sdk_encode
+from opentelemetry.exporter.otlp.proto.http import Compression
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, TracerProvider
@@ -177,10 +178,17 @@ class TestEncoding:
         assert encode_spans([]) == sdk_encode([]).SerializeToString() == b""
 
 
-async def _export(spans: list[ReadableSpan], receiver: OtlpReceiver, path: str) -> SpanExportResult:
+async def _export(
+    spans: list[ReadableSpan],
+    receiver: OtlpReceiver,
+    path: str,
+    compression: Compression = Compression.NoCompression,
+) -> SpanExportResult:
     """Export the spans to the receiver's ``path``, from a thread as the span processor does."""
     async with receiver.running():
-        exporter = DirectOTLPSpanExporter(endpoint=f"{receiver.endpoint}{path}")
+        exporter = DirectOTLPSpanExporter(
+            endpoint=f"{receiver.endpoint}{path}", compression=compression
+        )
         try:
             return await asyncio.to_thread(exporter.export, spans)
         finally:
@@ -188,10 +196,13 @@ async def _export(spans: list[ReadableSpan], receiver: OtlpReceiver, path: str) 
 
 
 class TestExporter:
-    async def test_spans_reach_an_otlp_receiver(self, spans: list[ReadableSpan]) -> None:
+    @pytest.mark.parametrize("compression", [Compression.NoCompression, Compression.Gzip])
+    async def test_spans_reach_an_otlp_receiver(
+        self, spans: list[ReadableSpan], compression: Compression
+    ) -> None:
         receiver = OtlpReceiver()
 
-        result = await _export(spans, receiver, "/v1/traces")
+        result = await _export(spans, receiver, "/v1/traces", compression)
 
         assert result is SpanExportResult.SUCCESS
         received = {span.name: span for span in receiver.spans}
