@@ -18,6 +18,7 @@ those headers), and the job row's insert.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import logging
 import os
@@ -178,9 +179,15 @@ class _PublishSpan(BaseMiddleware[RabbitPublishCommand, Any]):
             f"{exchange or 'default'}.{cmd.destination} publish",
             kind=trace.SpanKind.PRODUCER,
             attributes=attributes,
-        ):
+        ) as span:
             propagate.inject(cmd.headers)
-            return await call_next(cmd)
+            try:
+                return await call_next(cmd)
+            except asyncio.CancelledError:
+                # A confirm that timed out (``asyncio.timeout`` cancels the publish) did not
+                # publish either; the SDK marks only an Exception as an error.
+                span.set_status(trace.StatusCode.ERROR, "cancelled: not confirmed in time")
+                raise
 
 
 def current_trace_context() -> dict[str, str]:

@@ -1,0 +1,118 @@
+"""The broker middleware's publish span, on a real RabbitMQ: one span a publish, its context in
+the message's headers, and a failed or unconfirmed publish marked as an error."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aio_pika
+import pytest
+from aio_pika.exceptions import PublishError
+from faststream.rabbit import RabbitBroker
+from opentelemetry import context, propagate, trace
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
+
+from shared.messaging import (
+    CAMPAIGNS_EXCHANGE,
+    WORKER_QUEUE_NAME,
+    create_broker,
+    declare_core,
+    publish_confirmed,
+)
+from shared.telemetry import RabbitTracing
+
+STORED = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+@dataclass
+class Traced:
+    broker: RabbitBroker
+    exporter: InMemorySpanExporter
+
+    def spans(self) -> tuple[ReadableSpan, ...]:
+        return self.exporter.get_finished_spans()
+
+
+@pytest.fixture
+async def traced(amqp_url: str) -> AsyncIterator[Traced]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    broker = create_broker(amqp_url, app_id="test", middlewares=[RabbitTracing(provider)])
+    await broker.connect()
+    await declare_core(broker)
+    try:
+        yield Traced(broker, exporter)
+    finally:
+        await broker.stop()
+        provider.shutdown()
+
+
+async def _received(amqp_url: str) -> aio_pika.abc.AbstractIncomingMessage:
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        queue = await (await connection.channel()).get_queue(WORKER_QUEUE_NAME)
+        message = await queue.get(timeout=5)
+        assert message is not None
+        await message.ack()
+        return message
+    finally:
+        await connection.close()
+
+
+async def test_a_publish_is_one_span_whose_context_the_message_carries(
+    traced: Traced, amqp_url: str
+) -> None:
+    # As the outbox relay publishes: in the stored request context, with its traceparent.
+    token = context.attach(propagate.extract({"traceparent": STORED}))
+    try:
+        await traced.broker.publish(
+            b"{}",
+            exchange=CAMPAIGNS_EXCHANGE.name,
+            routing_key="campaign.created",
+            message_id="event-1",
+            headers={"traceparent": STORED},
+        )
+    finally:
+        context.detach(token)
+    message = await _received(amqp_url)
+
+    [span] = traced.spans()
+    assert span.name == "campaigns.campaign.created publish"
+    assert span.kind is trace.SpanKind.PRODUCER
+    assert span.parent is not None
+    assert format(span.parent.span_id, "016x") == STORED[36:52]
+    assert span.attributes is not None
+    assert span.attributes["messaging.message.id"] == "event-1"
+    assert span.attributes["messaging.destination.name"] == "campaigns"
+    carried = trace.get_current_span(propagate.extract(dict(message.headers))).get_span_context()
+    assert (carried.trace_id, carried.span_id) == (span.context.trace_id, span.context.span_id)
+
+
+async def test_a_refused_publish_is_an_error(traced: Traced) -> None:
+    with pytest.raises(PublishError):  # unroutable, and published as mandatory
+        await traced.broker.publish(
+            b"{}", exchange=CAMPAIGNS_EXCHANGE.name, routing_key="nowhere", mandatory=True
+        )
+
+    [span] = traced.spans()
+    assert span.status.status_code is StatusCode.ERROR
+
+
+async def test_a_publish_not_confirmed_in_time_is_an_error(traced: Traced) -> None:
+    with pytest.raises(TimeoutError):
+        await publish_confirmed(
+            traced.broker,
+            b"{}",
+            exchange=CAMPAIGNS_EXCHANGE.name,
+            routing_key="campaign.created",
+            confirm_seconds=1e-6,
+        )
+
+    [span] = traced.spans()
+    assert span.status.status_code is StatusCode.ERROR
+    assert span.status.description == "cancelled: not confirmed in time"
