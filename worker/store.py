@@ -251,8 +251,11 @@ class JobLogStore:
         try:
             recorded = await self._answer(_write, rows, refused=Recorded.REFUSED)
         except BaseException as exc:
+            # Not written: an error, unless the worker is stopping (its deliveries go back).
+            stopping = isinstance(exc, ShuttingDown | asyncio.CancelledError)
+            attributes = {"db.batch.size": len(rows), "error.type": type(exc).__name__}
             for parent in traces:
-                _insert_span(parent, started, {"error.type": type(exc).__name__}, error=True)
+                _insert_span(parent, started, attributes, error=not stopping)
             raise
         for parent, outcome in zip(traces, recorded, strict=True):
             attributes = {"db.batch.size": len(rows), "campaign.recorded": outcome.value}

@@ -248,23 +248,41 @@ class TestDatabaseOutage:
 
 class TestStoreLifecycle:
     async def test_a_write_after_the_store_stopped_is_refused_not_lost(
-        self, db_engine: Any
+        self, db_engine: Any, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         import uuid as uuid_module
 
-        from opentelemetry import trace
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+        from opentelemetry.trace import StatusCode
 
+        import worker.store
         from shared.events import CampaignCreated
         from shared.models import JobStatus
         from worker.store import JobLogStore, JobRow, ShuttingDown
 
+        exporter = InMemorySpanExporter()
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        monkeypatch.setattr(worker.store, "tracer", provider.get_tracer("test"))
+        delivery = provider.get_tracer("test").start_span("delivery")
         store = JobLogStore(db_engine, retry_max_seconds=0.1, stopping=asyncio.Event())
         await store.stop()
         event = CampaignCreated(tenant_id="late", campaign_id=uuid_module.uuid4(), name="late")
         row = JobRow(event, JobStatus.SUCCESS, 1, None, None)
 
         with pytest.raises(ShuttingDown):
-            await asyncio.wait_for(store.record([row], traces=[trace.INVALID_SPAN]), 5)
+            await asyncio.wait_for(store.record([row], traces=[delivery]), 5)
+
+        # The row's insert span says why it was not written, without calling a stop an error.
+        [insert] = exporter.get_finished_spans()
+        assert insert.name == "INSERT campaign_job_logs"
+        assert insert.parent is not None
+        assert insert.parent.span_id == delivery.get_span_context().span_id
+        assert insert.attributes is not None
+        assert insert.attributes["error.type"] == "ShuttingDown"
+        assert insert.status.status_code is StatusCode.UNSET
 
 
 class TestUnexpectedError:
