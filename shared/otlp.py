@@ -6,11 +6,12 @@ per span. On this platform's hot paths (a process span and a row insert span for
 several spans for every request) that encoding was the largest single cost of tracing: about
 three times what this module spends writing the same bytes directly.
 
-The bytes are the same as the SDK's: ``encode_spans(spans) == SDK encode_spans(spans)
-.SerializeToString()``, field for field, which ``tests/shared/test_otlp.py`` checks on spans of
-every kind. Everything else (endpoint, headers, compression, timeout, retries, the request size
-limit, the exporter's own metrics) is the SDK exporter's, configured by the same ``OTEL_*``
-variables.
+The bytes are the same as the SDK's for every span the SDK makes: ``encode_spans(spans) ==
+SDK encode_spans(spans).SerializeToString()``, field for field, which
+``tests/shared/test_otlp.py`` checks on spans of every kind. (A hand-built span with values of
+the wrong types, a bytes name or no status, can differ or fail.) Everything else (endpoint,
+headers, compression, timeout, retries, the request size limit, the exporter's own metrics) is
+the SDK exporter's, configured by the same ``OTEL_*`` variables.
 
 Wire format: https://protobuf.dev/programming-guides/encoding/, messages from
 ``opentelemetry/proto/trace/v1/trace.proto`` and ``common/v1/common.proto``.
@@ -298,5 +299,5 @@ class DirectOTLPSpanExporter(OTLPSpanExporter):
                 return SpanExportResult.FAILURE
         return SpanExportResult.SUCCESS
 
-    def shutdown(self) -> None:
+    def shutdown(self) -> None:  # typed, for its callers; the SDK's is not
         super().shutdown()  # type: ignore[no-untyped-call]
