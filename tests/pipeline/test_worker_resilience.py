@@ -7,7 +7,7 @@ import asyncio
 import json
 import signal
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -285,6 +285,22 @@ class TestStoreLifecycle:
         assert insert.status.status_code is StatusCode.UNSET
 
 
+def failing_once(
+    method: Callable[..., Awaitable[Any]], bug: str
+) -> tuple[Callable[..., Any], list[int]]:
+    """``method``, except that its first call raises ``RuntimeError(bug)``; and the number of
+    calls so far (a list of one, to read while the test runs)."""
+    calls = [0]
+
+    async def broken_once(*args: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == 1:
+            raise RuntimeError(bug)
+        return await method(*args)
+
+    return broken_once, calls
+
+
 class TestUnexpectedError:
     async def test_a_bug_gives_the_message_back_as_a_failed_delivery(
         self,
@@ -300,16 +316,6 @@ class TestUnexpectedError:
 
         from worker.store import JobLogStore
 
-        standings = JobLogStore.standings
-        calls = 0
-
-        async def broken_once(store: JobLogStore, events: Any) -> Any:
-            nonlocal calls
-            calls += 1
-            if calls == 1:
-                raise RuntimeError("a bug in the worker")
-            return await standings(store, events)
-
         rejected: list[bool] = []
         reject = IncomingMessage.reject
 
@@ -317,7 +323,8 @@ class TestUnexpectedError:
             rejected.append(requeue)
             await reject(message, requeue=requeue)
 
-        monkeypatch.setattr(JobLogStore, "standings", broken_once)
+        broken, _ = failing_once(JobLogStore.standings, "a bug in the worker")
+        monkeypatch.setattr(JobLogStore, "standings", broken)
         monkeypatch.setattr(IncomingMessage, "reject", spy_reject)
         worker = create_worker_app(make_worker_settings(database_url, amqp_url))
         async with worker.router.lifespan_context(worker):
@@ -347,24 +354,15 @@ class TestUnexpectedError:
         # consumer gives the batch back, so the next batch's ack(multiple=True) cannot cover it.
         from worker.processing import CampaignProcessor
 
-        handle_batch = CampaignProcessor.handle_batch
-        calls = 0
-
-        async def broken_once(processor: CampaignProcessor, messages: Any) -> None:
-            nonlocal calls
-            calls += 1
-            if calls == 1:
-                raise RuntimeError("a bug before anything was settled")
-            await handle_batch(processor, messages)
-
-        monkeypatch.setattr(CampaignProcessor, "handle_batch", broken_once)
+        broken, calls = failing_once(CampaignProcessor.handle_batch, "a bug before any settling")
+        monkeypatch.setattr(CampaignProcessor, "handle_batch", broken)
         worker = create_worker_app(make_worker_settings(database_url, amqp_url))
         async with worker.router.lifespan_context(worker):
             await wait_ready(worker)
             first = await create_campaign(campaign_client, headers, "in the failed batch")
 
             async def batches() -> int:
-                return calls
+                return calls[0]
 
             await eventually(batches, until=lambda n: n >= 1, what="the failed batch")
             second = await create_campaign(campaign_client, headers, "in the next batch")
