@@ -236,11 +236,10 @@ def encode_spans(spans: Sequence[ReadableSpan]) -> bytes:
         resource, scope = span.resource, span.instrumentation_scope or None
         # Consecutive spans nearly always share both: hash (a JSON dump for a resource) only
         # when they change.
-        if resource is not last_resource or last_resource is None:
+        if resource is not last_resource:
             scopes = groups.setdefault(resource, {})
-            last_resource, last_scope = resource, None
             encoded = scopes.setdefault(scope, [])
-            last_scope = scope
+            last_resource, last_scope = resource, scope
         elif scope is not last_scope:
             encoded = scopes.setdefault(scope, [])
             last_scope = scope
