@@ -1,5 +1,6 @@
 """End-to-end latency: campaigns created at fixed offered rates through the HTTP API, timed from
-the moment each POST was due to the worker's success row (its processed_at).
+the moment each POST was due to the worker's success row (its processed_at), and to its 201 (so
+that a slow service and a slow pipeline behind it can be told apart).
 
 Open loop: requests are due on a fixed schedule whatever the answers do, and a request that
 waits for a free connection counts its wait (no coordinated omission). The load generator is a
@@ -38,6 +39,7 @@ class Offered:
     """What one rate produced: when each created campaign was due, and what went wrong."""
 
     due: dict[uuid.UUID, float] = field(default_factory=dict)
+    answered: dict[uuid.UUID, float] = field(default_factory=dict)  # when its 201 arrived
     failures: list[str] = field(default_factory=list)
     unsent: int = 0
 
@@ -108,7 +110,9 @@ async def offer(url: str, token: str, rate: int, seconds: int) -> Offered:
                 if status != 201:
                     result.failures.append(str(status))
                     continue
-                result.due[uuid.UUID(json.loads(answer)["id"])] = due
+                campaign = uuid.UUID(json.loads(answer)["id"])
+                result.due[campaign] = due
+                result.answered[campaign] = time.time()
         finally:
             await client.close()
 
@@ -183,6 +187,8 @@ async def run(bench: Bench, rates: list[int], seconds: int) -> dict[str, Any]:
                 "p95 ms": round(run["p95_ms"], 1),
                 "p99 ms": round(run["p99_ms"], 1),
                 "max ms": round(run["max_ms"], 1),
+                "201 p50 ms": round(run["answer_p50_ms"], 1),
+                "201 p99 ms": round(run["answer_p99_ms"], 1),
             }
             for run in runs
         ],
@@ -197,6 +203,11 @@ def _summary(
         for campaign, due in offered.due.items()
         if campaign in processed
     ] or [float("nan")]
+    # Where the time went: until the 201 (the request waiting for the service and served), and
+    # from the 201 to the row (the relay, the broker and the worker).
+    answers = [
+        (offered.answered[campaign] - due) * 1000 for campaign, due in offered.due.items()
+    ] or [float("nan")]
     return {
         "offered_rate": rate,
         "seconds": seconds,
@@ -210,6 +221,8 @@ def _summary(
         "p99_ms": percentile(latencies, 0.99),
         "max_ms": max(latencies),
         "mean_ms": statistics.mean(latencies),
+        "answer_p50_ms": percentile(answers, 0.50),
+        "answer_p99_ms": percentile(answers, 0.99),
     }
 
 
