@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.orm import DeclarativeBase, Session
 
 from shared.settings import DatabaseSettings
+from shared.telemetry import trace_statements
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -39,11 +40,12 @@ class Base(DeclarativeBase):
 
 
 def create_engine(settings: DatabaseSettings, *, application_name: str) -> AsyncEngine:
-    """A bounded, pre-pinging pool; every connection names its service in pg_stat_activity."""
+    """A bounded pool; every connection names its service in pg_stat_activity, and every
+    statement is a span of the trace that runs it."""
     server_settings = {"application_name": application_name}
     if settings.database_statement_timeout_ms:
         server_settings["statement_timeout"] = str(settings.database_statement_timeout_ms)
-    return create_async_engine(
+    engine = create_async_engine(
         settings.database_url,
         pool_size=settings.database_pool_size,
         max_overflow=settings.database_max_overflow,
@@ -55,6 +57,8 @@ def create_engine(settings: DatabaseSettings, *, application_name: str) -> Async
             "server_settings": server_settings,
         },
     )
+    trace_statements(engine)
+    return engine
 
 
 def create_sessionmaker(

@@ -2,8 +2,8 @@
 (campaign row + outbox row, one transaction) and the same page query, with asyncpg directly:
 no token, no tracing, no metrics, no ORM.
 
-With ``BARE_TRACING=true`` it is traced as the services are (the same HTTP instrumentation and
-asyncpg spans, sampled and exported): the floor that tracing alone leaves the services.
+With ``BARE_TRACING=true`` it is traced as the services are (the same server span middleware and
+statement spans, sampled and exported): the floor that tracing alone leaves the services.
 
     [BARE_TRACING=true] uvicorn tests.benchmarks.bare_app:app --port 8101
 """
@@ -13,18 +13,39 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 from fastapi import FastAPI, Request
+from opentelemetry import trace
 from pydantic import BaseModel
+from sqlalchemy.engine import make_url
 
-from shared.telemetry import NO_NATIVE_TELEMETRY, configure_tracing, instrument_app
+from shared.telemetry import (
+    NO_NATIVE_TELEMETRY,
+    configure_tracing,
+    database_attributes,
+    instrument_app,
+    start_statement_span,
+)
 
 TENANT = "bench"
+TRACED = os.environ.get("BARE_TRACING") == "true"
+INSERT_CAMPAIGN = (
+    "INSERT INTO campaigns (id, tenant_id, name, description, created_at) "
+    "VALUES ($1, $2, $3, $4, $5)"
+)
+INSERT_OUTBOX = (
+    "INSERT INTO outbox (id, tenant_id, exchange, routing_key, payload, headers) "
+    "VALUES ($1, $2, 'bare', 'bare', $3, '{}')"
+)
+PAGE = (
+    "SELECT id, tenant_id, name, description, created_at FROM campaigns "
+    "WHERE tenant_id = $1 ORDER BY created_at DESC, id DESC LIMIT 20"
+)
 
 
 class CampaignIn(BaseModel):
@@ -44,8 +65,23 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 # As the services: FastAPI's own tracing off (once a tracer provider exists it would trace every
 # request a second time), the platform's instrumentation on when asked for.
 app = FastAPI(lifespan=lifespan, telemetry=NO_NATIVE_TELEMETRY)
-if os.environ.get("BARE_TRACING") == "true":
+if TRACED:
     instrument_app(app, configure_tracing("bare"))
+_tracer = trace.get_tracer(__name__)
+_database = database_attributes(make_url(os.environ.get("DATABASE_URL", "postgresql://")))
+
+
+@contextmanager
+def statement(text: str) -> Iterator[None]:
+    """A statement's span, as the services' engines make one, when traced."""
+    if not TRACED:
+        yield
+        return
+    span = start_statement_span(_tracer, text, _database)
+    try:
+        yield
+    finally:
+        span.end()
 
 
 @app.post("/campaigns", status_code=201)
@@ -63,22 +99,12 @@ async def create(data: CampaignIn, request: Request) -> dict[str, Any]:
         "description": data.description,
     }
     async with request.app.state.pool.acquire() as connection, connection.transaction():
-        await connection.execute(
-            "INSERT INTO campaigns (id, tenant_id, name, description, created_at) "
-            "VALUES ($1, $2, $3, $4, $5)",
-            campaign_id,
-            TENANT,
-            data.name,
-            data.description,
-            now,
-        )
-        await connection.execute(
-            "INSERT INTO outbox (id, tenant_id, exchange, routing_key, payload, headers) "
-            "VALUES ($1, $2, 'bare', 'bare', $3, '{}')",
-            event_id,
-            TENANT,
-            json.dumps(event),
-        )
+        with statement(INSERT_CAMPAIGN):
+            await connection.execute(
+                INSERT_CAMPAIGN, campaign_id, TENANT, data.name, data.description, now
+            )
+        with statement(INSERT_OUTBOX):
+            await connection.execute(INSERT_OUTBOX, event_id, TENANT, json.dumps(event))
     return {
         "id": str(campaign_id),
         "tenant_id": TENANT,
@@ -90,11 +116,8 @@ async def create(data: CampaignIn, request: Request) -> dict[str, Any]:
 
 @app.get("/campaigns")
 async def page(request: Request) -> dict[str, Any]:
-    rows = await request.app.state.pool.fetch(
-        "SELECT id, tenant_id, name, description, created_at FROM campaigns "
-        "WHERE tenant_id = $1 ORDER BY created_at DESC, id DESC LIMIT 20",
-        TENANT,
-    )
+    with statement(PAGE):
+        rows = await request.app.state.pool.fetch(PAGE, TENANT)
     return {"items": [dict(row) for row in rows], "next_cursor": None}
 
 

@@ -90,6 +90,7 @@ def assert_request_to_row_chain(spans: list[ReceivedSpan], event_id: str) -> Non
             and statement(span).startswith(f"INSERT INTO {table} ")
         ]
         assert insert.kind == "CLIENT"
+        assert insert.name == f"INSERT {table}"  # as the README's Jaeger walk-through shows
         assert server in ancestors(insert, spans)
 
     [publish] = publishes(spans)
