@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Request
+from opentelemetry.instrumentation.utils import suppress_instrumentation
 from sqlalchemy import MetaData, text
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
@@ -70,9 +71,10 @@ def create_sessionmaker(
 
 
 async def ping(engine: AsyncEngine) -> None:
-    """Raise unless the database answers a trivial query."""
-    async with engine.connect() as connection:
-        await connection.execute(text("SELECT 1"))
+    """Raise unless the database answers a trivial query (a readiness probe's: no span)."""
+    with suppress_instrumentation():
+        async with engine.connect() as connection:
+            await connection.execute(text("SELECT 1"))
 
 
 async def get_session(request: Request) -> AsyncIterator[AsyncSession]:

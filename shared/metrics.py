@@ -11,6 +11,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 
 from fastapi import APIRouter, Response
+from opentelemetry.instrumentation.utils import suppress_instrumentation
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -38,7 +39,8 @@ def metrics_router(registry: CollectorRegistry, refreshers: Sequence[Refresher] 
     async def metrics() -> Response:
         for refresh in refreshers:
             try:
-                await refresh()
+                with suppress_instrumentation():  # a scrape's queries are not worth a trace each
+                    await refresh()
             except Exception as exc:  # a scrape must answer even when a source is away
                 logger.warning("metrics refresh failed", extra={"error": repr(exc)})
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

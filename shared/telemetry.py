@@ -18,7 +18,7 @@ worker's process span (``worker/processing.py``, from those headers), and the jo
 The HTTP and statement spans are the platform's own, not opentelemetry-instrumentation-fastapi
 and -asyncpg: those cost a request more CPU than the spans they make (route matching, attribute
 hydration and a span started for every driver call, BEGIN and COMMIT included), which the
-benchmark suite measured at about a fifth of a ``POST /campaigns``. These make the same spans
+benchmark suite measured at about a sixth of a ``POST /campaigns``. These make the same spans
 with the stable semantic conventions' attributes, and nothing else.
 """
 

@@ -15,10 +15,13 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
+from prometheus_client import CollectorRegistry
 from sqlalchemy import text
 from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from shared.db import ping
+from shared.metrics import metrics_router
 from shared.telemetry import NO_NATIVE_TELEMETRY, instrument_app, trace_statements
 
 CALLER_TRACE = "0af7651916cd43dd8448eb211c80319c"
@@ -244,6 +247,22 @@ class TestStatementSpans:
         [statement] = spans.finished()
         assert statement.attributes is not None
         assert statement.attributes["db.query.text"] == "SELECT 2"
+
+    async def test_readiness_pings_and_scrapes_make_no_span(
+        self, traced_engine: AsyncEngine, spans: Spans
+    ) -> None:
+        async def gauge_from_the_database() -> None:
+            async with traced_engine.connect() as connection:
+                await connection.execute(text("SELECT count(*) FROM outbox"))
+
+        app = FastAPI(telemetry=NO_NATIVE_TELEMETRY)
+        app.include_router(metrics_router(CollectorRegistry(), [gauge_from_the_database]))
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://service") as client:
+            assert (await client.get("/metrics")).status_code == 200
+        await ping(traced_engine)
+
+        assert spans.finished() == ()
 
     async def test_a_failed_statement_is_an_error_span_with_the_servers_code(
         self, traced_engine: AsyncEngine, spans: Spans
