@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import asyncpg
 import httpx
@@ -16,6 +16,7 @@ from shared.migrate import migrate
 from tests.support.databases import create_database, drop_database
 from tests.support.processes import ROOT, free_port
 from tests.support.rabbit import PrivateRabbitNode, RabbitAdmin, new_vhost_name, vhost_url
+from tests.support.spans import Spans, recorded_spans
 from tests.support.users import USER_SERVICE_URL, make_user_settings
 from user_service.app import create_app as create_user_app
 from user_service.settings import UserServiceSettings
@@ -56,6 +57,13 @@ async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
     connection = await asyncpg.connect(database_url.replace("+asyncpg", ""))
     yield connection
     await connection.close()
+
+
+@pytest.fixture
+def spans() -> Iterator[Spans]:
+    """Spans recorded in memory by a tracer provider of the test's own."""
+    with recorded_spans() as recorded:
+        yield recorded
 
 
 @pytest.fixture

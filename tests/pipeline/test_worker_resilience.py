@@ -26,6 +26,7 @@ from tests.support.polling import eventually
 from tests.support.processes import ServiceProcess
 from tests.support.proxy import TcpProxy
 from tests.support.rabbit import PrivateRabbitNode, RabbitAdmin, publish_raw
+from tests.support.spans import Spans
 from worker.app import create_app as create_worker_app
 
 WorkerFactory = Callable[..., ServiceProcess]
@@ -248,13 +249,10 @@ class TestDatabaseOutage:
 
 class TestStoreLifecycle:
     async def test_a_write_after_the_store_stopped_is_refused_not_lost(
-        self, db_engine: Any, monkeypatch: pytest.MonkeyPatch
+        self, db_engine: Any, monkeypatch: pytest.MonkeyPatch, spans: Spans
     ) -> None:
         import uuid as uuid_module
 
-        from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
         from opentelemetry.trace import StatusCode
 
         import worker.store
@@ -262,11 +260,8 @@ class TestStoreLifecycle:
         from shared.models import JobStatus
         from worker.store import JobLogStore, JobRow, ShuttingDown
 
-        exporter = InMemorySpanExporter()
-        provider = TracerProvider()
-        provider.add_span_processor(SimpleSpanProcessor(exporter))
-        monkeypatch.setattr(worker.store, "tracer", provider.get_tracer("test"))
-        delivery = provider.get_tracer("test").start_span("delivery")
+        monkeypatch.setattr(worker.store, "tracer", spans.provider.get_tracer("test"))
+        delivery = spans.provider.get_tracer("test").start_span("delivery")
         store = JobLogStore(db_engine, retry_max_seconds=0.1, stopping=asyncio.Event())
         await store.stop()
         event = CampaignCreated(tenant_id="late", campaign_id=uuid_module.uuid4(), name="late")
@@ -276,7 +271,7 @@ class TestStoreLifecycle:
             await asyncio.wait_for(store.record([row], traces=[delivery]), 5)
 
         # The row's insert span says why it was not written, without calling a stop an error.
-        [insert] = exporter.get_finished_spans()
+        [insert] = spans.finished()
         assert insert.name == "INSERT campaign_job_logs"
         assert insert.parent is not None
         assert insert.parent.span_id == delivery.get_span_context().span_id

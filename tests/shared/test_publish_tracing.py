@@ -11,9 +11,7 @@ import pytest
 from aio_pika.exceptions import PublishError
 from faststream.rabbit import RabbitBroker
 from opentelemetry import context, propagate, trace
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import StatusCode
 
 from shared.messaging import (
@@ -24,6 +22,7 @@ from shared.messaging import (
     publish_confirmed,
 )
 from shared.telemetry import RabbitTracing
+from tests.support.spans import Spans
 
 STORED = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
@@ -31,25 +30,21 @@ STORED = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 @dataclass
 class Traced:
     broker: RabbitBroker
-    exporter: InMemorySpanExporter
+    recorded: Spans
 
     def spans(self) -> tuple[ReadableSpan, ...]:
-        return self.exporter.get_finished_spans()
+        return self.recorded.finished()
 
 
 @pytest.fixture
-async def traced(amqp_url: str) -> AsyncIterator[Traced]:
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    broker = create_broker(amqp_url, app_id="test", middlewares=[RabbitTracing(provider)])
+async def traced(amqp_url: str, spans: Spans) -> AsyncIterator[Traced]:
+    broker = create_broker(amqp_url, app_id="test", middlewares=[RabbitTracing(spans.provider)])
     await broker.connect()
     await declare_core(broker)
     try:
-        yield Traced(broker, exporter)
+        yield Traced(broker, spans)
     finally:
         await broker.stop()
-        provider.shutdown()
 
 
 async def _received(amqp_url: str) -> aio_pika.abc.AbstractIncomingMessage:

@@ -4,16 +4,12 @@ needs and nothing a request or a query should not leak."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
 from fastapi import FastAPI, HTTPException
 from opentelemetry.instrumentation.utils import suppress_instrumentation
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client import CollectorRegistry
 from sqlalchemy import text
@@ -23,30 +19,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from shared.db import ping
 from shared.metrics import metrics_router
 from shared.telemetry import NO_NATIVE_TELEMETRY, instrument_app, trace_statements
+from tests.support.spans import Spans
 
 CALLER_TRACE = "0af7651916cd43dd8448eb211c80319c"
 CALLER_SPAN = "b7ad6b7169203331"
-
-
-@dataclass
-class Spans:
-    provider: TracerProvider
-    exporter: InMemorySpanExporter
-
-    def finished(self) -> tuple[ReadableSpan, ...]:
-        return self.exporter.get_finished_spans()
-
-    def of_kind(self, kind: SpanKind) -> list[ReadableSpan]:
-        return [span for span in self.finished() if span.kind == kind]
-
-
-@pytest.fixture
-def spans() -> Iterator[Spans]:
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    yield Spans(provider, exporter)
-    provider.shutdown()
 
 
 def _app(spans: Spans) -> FastAPI:
