@@ -46,7 +46,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.semconv.trace import SpanAttributes
 from opentelemetry.util.types import AttributeValue
 from sqlalchemy import event
-from sqlalchemy.engine import URL, Connection, ExceptionContext, ExecutionContext
+from sqlalchemy.engine import URL, ExceptionContext, ExecutionContext
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -207,26 +207,12 @@ def trace_statements(
     tracer = trace.get_tracer(__name__, tracer_provider=tracer_provider)
     database = database_attributes(engine.url)
 
-    def start(
-        conn: Connection,
-        cursor: Any,
-        statement: str,
-        parameters: Any,
-        execution: ExecutionContext,
-        executemany: bool,
-    ) -> None:
+    def start(statement: str, context: ExecutionContext, **_: Any) -> None:
         if is_instrumentation_enabled():
-            execution._trace_span = start_statement_span(tracer, statement, database)  # type: ignore[attr-defined]
+            context._trace_span = start_statement_span(tracer, statement, database)  # type: ignore[attr-defined]
 
-    def end(
-        conn: Connection,
-        cursor: Any,
-        statement: str,
-        parameters: Any,
-        execution: ExecutionContext,
-        executemany: bool,
-    ) -> None:
-        span: trace.Span | None = execution.__dict__.pop("_trace_span", None)
+    def end(context: ExecutionContext, **_: Any) -> None:
+        span: trace.Span | None = context.__dict__.pop("_trace_span", None)
         if span is not None:
             span.end()
 
@@ -242,8 +228,8 @@ def trace_statements(
             span.set_status(trace.StatusCode.ERROR)
             span.end()
 
-    event.listen(engine.sync_engine, "before_cursor_execute", start)
-    event.listen(engine.sync_engine, "after_cursor_execute", end)
+    event.listen(engine.sync_engine, "before_cursor_execute", start, named=True)
+    event.listen(engine.sync_engine, "after_cursor_execute", end, named=True)
     event.listen(engine.sync_engine, "handle_error", failed)
 
 
