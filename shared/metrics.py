@@ -66,7 +66,11 @@ class HttpMetrics:
         )
 
 
-_KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+# The methods HTTP defines (RFC 9110, and PATCH): any other is one label, so a client cannot
+# grow the number of series (or, in traces, of span names).
+KNOWN_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"}
+)
 
 
 class HttpMetricsMiddleware:
@@ -98,7 +102,7 @@ class HttpMetricsMiddleware:
             # A catch-all (the gateway's proxy) names its own bounded label in "metrics_route".
             route = scope.get("metrics_route") or getattr(scope.get("route"), "path", None)
             route = route or "unmatched"
-            method = scope["method"] if scope["method"] in _KNOWN_METHODS else "other"
+            method = scope["method"] if scope["method"] in KNOWN_METHODS else "other"
             self.metrics.duration.labels(method, route, str(status)).observe(
                 time.perf_counter() - started
             )

@@ -50,6 +50,7 @@ from sqlalchemy.engine import URL, ExceptionContext, ExecutionContext
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from shared.metrics import KNOWN_METHODS
 from shared.otlp import DirectOTLPSpanExporter
 
 logger = logging.getLogger(__name__)
@@ -116,11 +117,6 @@ def instrument_app(app: FastAPI, provider: TracerProvider) -> None:
     app.add_middleware(ServerSpans, tracer=provider.get_tracer(__name__))
 
 
-_KNOWN_METHODS = frozenset(
-    {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"}
-)
-
-
 class ServerSpans:
     """ASGI middleware: one SERVER span a request, the child of the caller's W3C context,
     named ``<method> <route template>`` once the router has chosen the route.
@@ -145,7 +141,7 @@ class ServerSpans:
             name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]
         }
         parent = propagate.extract(headers)
-        method = scope["method"] if scope["method"] in _KNOWN_METHODS else "_OTHER"
+        method = scope["method"] if scope["method"] in KNOWN_METHODS else "_OTHER"
         attributes: dict[str, AttributeValue] = {
             "http.request.method": method,
             "url.path": scope["path"],
