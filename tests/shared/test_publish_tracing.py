@@ -4,14 +4,12 @@ the message's headers, and a failed or unconfirmed publish marked as an error.""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import aio_pika
 import pytest
 from aio_pika.exceptions import PublishError
 from faststream.rabbit import RabbitBroker
 from opentelemetry import context, propagate, trace
-from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import StatusCode
 
 from shared.messaging import (
@@ -27,22 +25,14 @@ from tests.support.spans import Spans
 STORED = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
 
-@dataclass
-class Traced:
-    broker: RabbitBroker
-    recorded: Spans
-
-    def spans(self) -> tuple[ReadableSpan, ...]:
-        return self.recorded.finished()
-
-
 @pytest.fixture
-async def traced(amqp_url: str, spans: Spans) -> AsyncIterator[Traced]:
+async def broker(amqp_url: str, spans: Spans) -> AsyncIterator[RabbitBroker]:
+    """A broker whose publishes are traced into ``spans``."""
     broker = create_broker(amqp_url, app_id="test", middlewares=[RabbitTracing(spans.provider)])
     await broker.connect()
     await declare_core(broker)
     try:
-        yield Traced(broker, spans)
+        yield broker
     finally:
         await broker.stop()
 
@@ -60,12 +50,12 @@ async def _received(amqp_url: str) -> aio_pika.abc.AbstractIncomingMessage:
 
 
 async def test_a_publish_is_one_span_whose_context_the_message_carries(
-    traced: Traced, amqp_url: str
+    broker: RabbitBroker, spans: Spans, amqp_url: str
 ) -> None:
     # As the outbox relay publishes: in the stored request context, with its traceparent.
     token = context.attach(propagate.extract({"traceparent": STORED}))
     try:
-        await traced.broker.publish(
+        await broker.publish(
             b"{}",
             exchange=CAMPAIGNS_EXCHANGE.name,
             routing_key="campaign.created",
@@ -76,7 +66,7 @@ async def test_a_publish_is_one_span_whose_context_the_message_carries(
         context.detach(token)
     message = await _received(amqp_url)
 
-    [span] = traced.spans()
+    [span] = spans.finished()
     assert span.name == "campaigns.campaign.created publish"
     assert span.kind is trace.SpanKind.PRODUCER
     assert span.parent is not None
@@ -88,26 +78,28 @@ async def test_a_publish_is_one_span_whose_context_the_message_carries(
     assert (carried.trace_id, carried.span_id) == (span.context.trace_id, span.context.span_id)
 
 
-async def test_a_refused_publish_is_an_error(traced: Traced) -> None:
+async def test_a_refused_publish_is_an_error(broker: RabbitBroker, spans: Spans) -> None:
     with pytest.raises(PublishError):  # unroutable, and published as mandatory
-        await traced.broker.publish(
+        await broker.publish(
             b"{}", exchange=CAMPAIGNS_EXCHANGE.name, routing_key="nowhere", mandatory=True
         )
 
-    [span] = traced.spans()
+    [span] = spans.finished()
     assert span.status.status_code is StatusCode.ERROR
 
 
-async def test_a_publish_not_confirmed_in_time_is_an_error(traced: Traced) -> None:
+async def test_a_publish_not_confirmed_in_time_is_an_error(
+    broker: RabbitBroker, spans: Spans
+) -> None:
     with pytest.raises(TimeoutError):
         await publish_confirmed(
-            traced.broker,
+            broker,
             b"{}",
             exchange=CAMPAIGNS_EXCHANGE.name,
             routing_key="campaign.created",
             confirm_seconds=1e-6,
         )
 
-    [span] = traced.spans()
+    [span] = spans.finished()
     assert span.status.status_code is StatusCode.ERROR
     assert span.status.description == "cancelled: not confirmed in time"
