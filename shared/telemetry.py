@@ -15,6 +15,9 @@ statement spans (:func:`trace_statements`, SQLAlchemy engine events), the publis
 (:class:`RabbitTracing`, broker middleware, W3C ``traceparent`` in the AMQP headers), the
 worker's process span (``worker/processing.py``, from those headers), and the job row's insert.
 
+Every one of these spans comes from a tracer of ``shared/spans.py``: the SDK's sampler, ids and
+export pipeline, without the SDK's span class and its per-attribute checks and locks.
+
 The HTTP and statement spans are the platform's own, not opentelemetry-instrumentation-fastapi
 and -asyncpg: those cost a request more CPU than the spans they make (route matching, attribute
 hydration and a span started for every driver call, BEGIN and COMMIT included), which the
@@ -50,6 +53,7 @@ from sqlalchemy.engine import URL, ExceptionContext, ExecutionContext
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from shared import spans
 from shared.metrics import KNOWN_METHODS
 from shared.otlp import DirectOTLPSpanExporter
 
@@ -114,7 +118,7 @@ def _exporting() -> bool:
 def instrument_app(app: FastAPI, provider: TracerProvider) -> None:
     """A SERVER span for every request but probes and scrapes, outside every other middleware
     (so that their log lines carry its trace)."""
-    app.add_middleware(ServerSpans, tracer=provider.get_tracer(__name__))
+    app.add_middleware(ServerSpans, tracer=spans.tracer(__name__, provider))
 
 
 class ServerSpans:
@@ -200,7 +204,7 @@ def trace_statements(
 
     The tracer comes from the process's provider (:func:`configure_tracing`) unless one is given,
     even when that is set after the engine is made."""
-    tracer = trace.get_tracer(__name__, tracer_provider=tracer_provider)
+    tracer = spans.tracer(__name__, tracer_provider)
     database = database_attributes(engine.url)
 
     def start(statement: str, context: ExecutionContext, **_: Any) -> None:
@@ -283,7 +287,7 @@ class RabbitTracing:
     """
 
     def __init__(self, provider: TracerProvider) -> None:
-        self._tracer = provider.get_tracer(__name__)
+        self._tracer = spans.tracer(__name__, provider)
 
     def __call__(self, msg: Any | None, /, *, context: ContextRepo) -> _PublishSpan:
         return _PublishSpan(msg, context=context, tracer=self._tracer)

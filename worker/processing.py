@@ -47,6 +47,7 @@ from opentelemetry.context import Context
 from opentelemetry.semconv.trace import SpanAttributes
 from pydantic import ValidationError
 
+from shared import spans
 from shared.events import CampaignCreated
 from shared.logs import log_context
 from shared.messaging import (
@@ -66,7 +67,7 @@ from worker.simulation import execute
 from worker.store import JobLogStore, JobRow, Recorded, ShuttingDown, Standing
 
 logger = logging.getLogger(__name__)
-tracer = trace.get_tracer(__name__)
+tracer = spans.tracer(__name__)
 
 _ERROR_MESSAGE_LIMIT = 1000
 

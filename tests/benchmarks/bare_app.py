@@ -20,10 +20,10 @@ from typing import Any
 
 import asyncpg
 from fastapi import FastAPI, Request
-from opentelemetry import trace
 from pydantic import BaseModel
 from sqlalchemy.engine import make_url
 
+from shared import spans
 from shared.telemetry import (
     NO_NATIVE_TELEMETRY,
     configure_tracing,
@@ -67,7 +67,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 app = FastAPI(lifespan=lifespan, telemetry=NO_NATIVE_TELEMETRY)
 if TRACED:
     instrument_app(app, configure_tracing("bare"))
-_tracer = trace.get_tracer(__name__)
+_tracer = spans.tracer(__name__)
 _database = database_attributes(make_url(os.environ.get("DATABASE_URL", "postgresql://")))
 
 
