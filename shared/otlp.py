@@ -128,6 +128,13 @@ def _int_value(value: int) -> bytes:
     return b"\x18" + _varint(value & _UINT64)
 
 
+# Text attributes, encoded whole (field tag, key and value): most of a span's attributes are the
+# same few pairs again and again (a statement's text, a system's name, an outcome). Emptied when
+# full, since ids and other one-off values fill it too.
+_text_pairs: dict[tuple[bytes, str, str], bytes] = {}
+_TEXT_PAIRS_MAX = 4096
+
+
 def _attributes(tag: bytes, attributes: Mapping[str, Any] | None) -> bytes:
     """Repeated KeyValue. An attribute that cannot be encoded is left out (and logged), as the
     SDK's encoder does."""
@@ -135,12 +142,20 @@ def _attributes(tag: bytes, attributes: Mapping[str, Any] | None) -> bytes:
         return b""
     encoded = []
     for key, value in attributes.items():
+        text = type(value) is str
+        if text and (field := _text_pairs.get((tag, key, value))) is not None:
+            encoded.append(field)
+            continue
         try:
-            pair = _key(key) + _field(b"\x12", _any_value(value))
+            field = _field(tag, _key(key) + _field(b"\x12", _any_value(value)))
         except Exception:
             logger.exception("Failed to encode key %s", key)
             continue
-        encoded.append(_field(tag, pair))
+        if text:
+            if len(_text_pairs) >= _TEXT_PAIRS_MAX:
+                _text_pairs.clear()
+            _text_pairs[tag, key, value] = field
+        encoded.append(field)
     return b"".join(encoded)
 
 
