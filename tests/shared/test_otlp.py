@@ -174,6 +174,23 @@ class TestEncoding:
         assert [a.key for a in span.attributes] == ["kept"]
         assert [a.key for a in request.resource_spans[0].resource.attributes] == ["service.name"]
 
+    def test_text_seen_before_and_text_past_the_reuse_cache_are_written_alike(self) -> None:
+        """The same pairs in every context (span, event, resource), and more one-off values than
+        the cache of encoded text attributes holds, so it is emptied on the way."""
+        exporter = InMemorySpanExporter()
+        provider = _provider(Resource({"service.name": "worker", "db.system": "x"}), exporter)
+        tracer = provider.get_tracer("t", attributes={"db.system": "x"})
+        for n in range(3_000):
+            same = {"db.system": "x", "campaign.outcome": "success"}
+            span = tracer.start_span("process", attributes={**same, "campaign.id": f"id-{n}"})
+            span.add_event("dead-lettered", {**same, "message.id": f"m-{n}"})
+            span.end()
+        spans = exporter.get_finished_spans()
+
+        encoded = encode_spans(spans)
+
+        assert encoded == sdk_encode(spans).SerializeToString()
+
     def test_no_spans_make_an_empty_request(self) -> None:
         assert encode_spans([]) == sdk_encode([]).SerializeToString() == b""
 
