@@ -28,6 +28,8 @@ _RECORD_ATTRIBUTES = frozenset(
 _UVICORN_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access")
 _HANDLER_NAME = "campaign-platform-json"
 _context: ContextVar[dict[str, Any]] = ContextVar("log_context", default={})  # noqa: B039
+# One encoder for every line (json.dumps with options makes a new one each call).
+_encode = json.JSONEncoder(default=str, ensure_ascii=False).encode
 
 
 @contextmanager
@@ -44,12 +46,24 @@ class JsonFormatter(logging.Formatter):
     def __init__(self, service: str) -> None:
         super().__init__()
         self.service = service
+        self._second = -1
+        self._second_text = ""
+
+    def _timestamp(self, created: float) -> str:
+        """ISO 8601 in UTC to the millisecond, as ``datetime.isoformat`` writes it (from the time
+        rounded to the microsecond); the part up to the second is made once a second."""
+        second = int(created)
+        micros = round((created - second) * 1_000_000)
+        if micros == 1_000_000:
+            second, micros = second + 1, 0
+        if second != self._second:
+            self._second_text = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+            self._second = second
+        return f"{self._second_text}.{micros // 1000:03d}+00:00"
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
-            "timestamp": datetime.fromtimestamp(record.created, UTC).isoformat(
-                timespec="milliseconds"
-            ),
+            "timestamp": self._timestamp(record.created),
             "level": record.levelname,
             "service": self.service,
             "logger": record.name,
@@ -67,7 +81,7 @@ class JsonFormatter(logging.Formatter):
                 line[key] = value
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
-        return json.dumps(line, default=str, ensure_ascii=False)
+        return _encode(line)
 
 
 def _access_fields(args: tuple[Any, ...]) -> dict[str, Any]:
@@ -92,6 +106,12 @@ def configure_logging(settings: CommonSettings) -> None:
     # Replace our own handler from an earlier call; leave any other (a test runner's) alone.
     root.handlers[:] = [h for h in root.handlers if h.get_name() != _HANDLER_NAME] + [handler]
     root.setLevel(settings.log_level.upper())
+    # What a line never shows, not gathered for every record: the caller's file and line (a walk
+    # up the stack), the thread, the process id and name. The logging HOWTO's "Optimization".
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     for name in _UVICORN_LOGGERS:
         uvicorn_logger = logging.getLogger(name)
         uvicorn_logger.handlers.clear()
