@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from opentelemetry import trace
+from opentelemetry.trace import SpanContext
 
 from shared.settings import CommonSettings
 
@@ -69,10 +70,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        span_context = trace.get_current_span().get_span_context()
-        if span_context.is_valid:
-            line["trace_id"] = format(span_context.trace_id, "032x")
-            line["span_id"] = format(span_context.span_id, "016x")
+        line.update(trace_fields(trace.get_current_span().get_span_context()))
         line.update(_context.get())
         if record.name == "uvicorn.access" and isinstance(record.args, tuple):
             line.update(_access_fields(record.args))
@@ -82,6 +80,16 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         return _encode(line)
+
+
+def trace_fields(span_context: SpanContext) -> dict[str, str]:
+    """``trace_id`` and ``span_id`` as every line carries them, when the span is a real one."""
+    if not span_context.is_valid:
+        return {}
+    return {
+        "trace_id": format(span_context.trace_id, "032x"),
+        "span_id": format(span_context.span_id, "016x"),
+    }
 
 
 def _access_fields(args: tuple[Any, ...]) -> dict[str, Any]:
