@@ -34,7 +34,7 @@ from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.semconv.attributes.http_attributes import HTTP_RESPONSE_STATUS_CODE
-from opentelemetry.trace import Link, SpanContext, SpanKind
+from opentelemetry.trace import Link, SpanContext, SpanKind, StatusCode
 
 logger = logging.getLogger(__name__)
 
@@ -164,45 +164,64 @@ def _flags(parent: SpanContext | None) -> bytes:
     return _fixed32(_HAS_IS_REMOTE | _IS_REMOTE if remote else _HAS_IS_REMOTE)
 
 
+_SPAN_FLAGS = {
+    remote: b"\x85\x01" + _fixed32(_HAS_IS_REMOTE | _IS_REMOTE if remote else _HAS_IS_REMOTE)
+    for remote in (False, True)
+}
+# Span.name fields: a process names its spans with a few texts.
+_names: dict[str, bytes] = {}
+
+
+def _name(name: str) -> bytes:
+    encoded = _names.get(name)
+    if encoded is None:
+        encoded = _text(b"\x2a", name)
+        if len(_names) < 1024:
+            _names[name] = encoded
+    return encoded
+
+
 def _span(span: ReadableSpan) -> bytes:
     context = span.get_span_context()
     if context is None:  # only a span that was never started has none
         raise ValueError(f"span {span.name!r} has no context")
     parts = [
-        b"\x0a\x10" + context.trace_id.to_bytes(16, "big"),
-        b"\x12\x08" + context.span_id.to_bytes(8, "big"),
+        b"\x0a\x10"
+        + context.trace_id.to_bytes(16, "big")
+        + b"\x12\x08"
+        + context.span_id.to_bytes(8, "big")
     ]
     trace_state = context.trace_state
-    if trace_state is not None:
+    if trace_state:
         parts.append(_text(b"\x1a", ",".join([f"{k}={v}" for k, v in trace_state.items()])))
     parent = span.parent
     if parent:
         parts.append(b"\x22\x08" + parent.span_id.to_bytes(8, "big"))
-    parts.append(_text(b"\x2a", span.name))
-    parts.append(_KIND[span.kind])
-    if span.start_time:
-        parts.append(b"\x39" + _fixed64(span.start_time))
-    if span.end_time:
-        parts.append(b"\x41" + _fixed64(span.end_time))
+    parts.append(_name(span.name) + _KIND[span.kind])
+    start_time, end_time = span.start_time, span.end_time
+    if start_time:
+        parts.append(b"\x39" + _fixed64(start_time))
+    if end_time:
+        parts.append(b"\x41" + _fixed64(end_time))
     parts.append(_attributes(b"\x4a", span.attributes))
-    if span.dropped_attributes:
-        parts.append(b"\x50" + _varint(span.dropped_attributes))
+    if dropped := span.dropped_attributes:
+        parts.append(b"\x50" + _varint(dropped))
     for event in span.events:
         parts.append(_field(b"\x5a", _event(event)))
-    if span.dropped_events:
-        parts.append(b"\x60" + _varint(span.dropped_events))
+    if dropped := span.dropped_events:
+        parts.append(b"\x60" + _varint(dropped))
     for link in span.links:
         parts.append(_field(b"\x6a", _link(link)))
-    if span.dropped_links:
-        parts.append(b"\x70" + _varint(span.dropped_links))
+    if dropped := span.dropped_links:
+        parts.append(b"\x70" + _varint(dropped))
     status = span.status
-    code = status.status_code.value
-    if code or status.description:
+    if status.status_code is StatusCode.UNSET and not status.description:
+        parts.append(_EMPTY_STATUS)
+    else:
+        code = status.status_code.value
         detail = _text(b"\x12", status.description) + (b"\x18" + _varint(code) if code else b"")
         parts.append(_field(b"\x7a", detail))
-    else:
-        parts.append(_EMPTY_STATUS)
-    parts.append(b"\x85\x01" + _flags(parent))
+    parts.append(_SPAN_FLAGS[parent is not None and parent.is_remote])
     return b"".join(parts)
 
 
