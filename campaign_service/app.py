@@ -61,7 +61,7 @@ def create_app(
             )
             cleanup.push_async_callback(broker.stop)
             relay = OutboxRelay(
-                sessionmaker=create_sessionmaker(engine),
+                engine=engine,
                 broker=broker,
                 settings=settings,
                 metrics=metrics,
@@ -83,7 +83,7 @@ def create_app(
             app.state.broker = broker
             app.state.broker_startup = startup
             app.state.relay = relay
-            # Sessions of requests wake the relay when they commit an outbox row.
+            # Sessions of requests hand the relay the outbox rows they commit.
             app.state.sessionmaker = create_sessionmaker(
                 engine, sync_session_class=relay.session_class()
             )

@@ -17,10 +17,13 @@ class CampaignServiceSettings(DatabaseSettings, BrokerSettings):
     jwt_jwks_cache_seconds: float = Field(default=300.0, gt=0)
     jwt_leeway_seconds: int = Field(default=0, ge=0, le=300)
 
-    # The outbox relay: rows claimed per transaction, the poll for rows a notification missed
-    # (another replica's, or left by a broker outage), the bound on one publish, and the longest
-    # pause before retrying a row whose publish failed.
+    # The outbox relay: messages published together (and rows claimed per transaction), the
+    # poll for rows the process that wrote them did not publish (a broker outage, a stop,
+    # another replica's), how long after its commit a row becomes the poll's (before that, its
+    # own process publishes it; longer than a publish may take, or a slow one is sent twice),
+    # the bound on one publish, and the longest pause before retrying a refused row.
     outbox_batch_size: int = Field(default=100, ge=1, le=10_000)
     outbox_poll_interval_seconds: float = Field(default=1.0, gt=0)
+    outbox_claim_after_seconds: float = Field(default=10.0, ge=0)
     outbox_publish_timeout_seconds: float = Field(default=5.0, gt=0)
     outbox_max_backoff_seconds: float = Field(default=30.0, gt=0)

@@ -31,6 +31,7 @@ def make_campaign_settings(
         "rabbitmq_url": amqp_url,
         "jwt_jwks_url": JWKS_URL,
         "outbox_poll_interval_seconds": 0.2,
+        "outbox_claim_after_seconds": 1.0,
         **overrides,
     }
     return CampaignServiceSettings(_env_file=None, **values)

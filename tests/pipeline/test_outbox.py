@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import aio_pika
@@ -16,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from campaign_service.app import create_app as create_campaign_app
 from campaign_service.outbox.repository import OutboxRepository
+from campaign_service.settings import CampaignServiceSettings
 from shared.db import create_sessionmaker
 from shared.events import CampaignCreated
 from shared.models import OutboxMessage
@@ -173,6 +177,106 @@ class TestPublishing:
         )
         assert sum(published) == len(events)
         assert all(count > 0 for count in published), published
+
+
+class TestFastPath:
+    """A campaign's event leaves from the memory of the process that committed it, without
+    waiting for a poll; the poll is only for what that could not do."""
+
+    async def test_the_event_leaves_without_waiting_for_a_poll(
+        self,
+        database_url: str,
+        amqp_url: str,
+        user_client: httpx.AsyncClient,
+        headers: dict[str, str],
+        db: asyncpg.Connection,
+        tenant: str,
+    ) -> None:
+        settings = make_campaign_settings(database_url, amqp_url, outbox_poll_interval_seconds=3600)
+        async with running_campaigns(settings, user_client) as (_, client):
+            campaign = await create_campaign(client, headers, "straight out")
+            await eventually(lambda: outbox_rows(db, tenant), until=lambda rows: not rows)
+
+        messages = await take_all(amqp_url, "worker.campaign.created")
+        assert [json.loads(m.body)["campaign_id"] for m in messages] == [campaign["id"]]
+
+    async def test_a_published_row_whose_delete_failed_is_published_again_not_lost(
+        self,
+        campaign_client: httpx.AsyncClient,
+        headers: dict[str, str],
+        amqp_url: str,
+        db: asyncpg.Connection,
+        tenant: str,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        delete = OutboxRepository.delete
+        calls = 0
+
+        async def delete_failing_once(self: OutboxRepository, ids: Any) -> None:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise ConnectionResetError("the database blinked")
+            await delete(self, ids)
+
+        monkeypatch.setattr(OutboxRepository, "delete", delete_failing_once)
+
+        campaign = await create_campaign(campaign_client, headers, "sent twice")
+        await eventually(
+            lambda: outbox_rows(db, tenant), until=lambda rows: not rows, what="the poll's copy"
+        )
+
+        messages = await take_all(amqp_url, "worker.campaign.created")
+        assert [json.loads(m.body)["campaign_id"] for m in messages] == [campaign["id"]] * 2
+        assert messages[0].message_id == messages[1].message_id  # the worker keeps one
+
+    async def test_a_replicas_poll_leaves_alone_the_rows_another_is_publishing(
+        self,
+        database_url: str,
+        amqp_url: str,
+        user_client: httpx.AsyncClient,
+        headers: dict[str, str],
+        db: asyncpg.Connection,
+        tenant: str,
+    ) -> None:
+        settings = make_campaign_settings(database_url, amqp_url, outbox_poll_interval_seconds=0.05)
+        async with (
+            running_campaigns(settings, user_client) as (writer, client),
+            running_campaigns(settings, user_client),
+        ):
+            relay = writer.state.relay
+            publish_now = relay.publish_handed_over
+
+            async def publish_late() -> int:
+                await asyncio.sleep(0.5)  # the other replica polls ten times meanwhile
+                published: int = await publish_now()
+                return published
+
+            relay.publish_handed_over = publish_late
+            campaigns = [await create_campaign(client, headers, f"once {n}") for n in range(5)]
+            await eventually(lambda: outbox_rows(db, tenant), until=lambda rows: not rows)
+            published = await value(writer, "outbox_published_messages_total")
+
+        messages = await take_all(amqp_url, "worker.campaign.created")
+        assert sorted(json.loads(m.body)["campaign_id"] for m in messages) == sorted(
+            c["id"] for c in campaigns
+        )
+        assert published == len(campaigns)
+
+
+@asynccontextmanager
+async def running_campaigns(
+    settings: CampaignServiceSettings, user_client: httpx.AsyncClient
+) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+    app = create_campaign_app(settings, jwks_client=user_client)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url=CAMPAIGN_SERVICE_URL
+        ) as client,
+    ):
+        await wait_ready(app)
+        yield app, client
 
 
 class TestBrokerOutage:
