@@ -114,9 +114,9 @@ def configure_logging(settings: CommonSettings) -> None:
     # Replace our own handler from an earlier call; leave any other (a test runner's) alone.
     root.handlers[:] = [h for h in root.handlers if h.get_name() != _HANDLER_NAME] + [handler]
     root.setLevel(settings.log_level.upper())
-    # What a line never shows, not gathered for every record: the caller's file and line (a walk
-    # up the stack), the thread, the process id and name. The logging HOWTO's "Optimization".
-    logging._srcfile = None
+    # What a line never shows, not gathered for every record: the thread, the process id and
+    # name (the logging HOWTO's "Optimization"). The caller's file and line stay: a test
+    # runner's captured logs show them.
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
