@@ -20,7 +20,7 @@ class CampaignServiceSettings(DatabaseSettings, BrokerSettings):
     # The outbox relay: messages published together (and rows claimed per transaction), the
     # poll for rows the process that wrote them did not publish (a broker outage, a stop,
     # another replica's), how long after its commit a row becomes the poll's (before that, its
-    # own process publishes it; longer than a publish may take, or a slow one is sent twice),
+    # own process publishes it, within half that time; 0 leaves every row to the poll),
     # the bound on one publish, and the longest pause before retrying a refused row.
     outbox_batch_size: int = Field(default=100, ge=1, le=10_000)
     outbox_poll_interval_seconds: float = Field(default=1.0, gt=0)

@@ -1,18 +1,21 @@
 """The outbox relay: publishes committed outbox rows to RabbitMQ, confirmed, then deletes them.
 
 Fast path: a request's session hands the messages it wrote to the relay when it commits
-(:meth:`OutboxRelay.session_class`), and the relay publishes them at once, from memory, then
-deletes their rows with one statement. No row is read back, and no transaction is held open
-while the broker confirms: an event leaves within milliseconds of its 201, at the cost of one
-publish and a share of one DELETE.
+(:meth:`OutboxRelay.session_class`; what a rollback or a rolled-back savepoint wrote is
+dropped), and the relay publishes them at once, from memory, then deletes their rows with one
+statement. No row is read back, and no transaction is held open while the broker confirms: an
+event leaves within milliseconds of its 201, at the cost of one publish and a share of one
+DELETE.
 
 Slow path: the relay also polls the table, claiming due rows with ``FOR UPDATE SKIP LOCKED``
 in batches, publishing them and deleting them in the same transaction once confirmed. A row
 the fast path owns becomes due only after ``OUTBOX_CLAIM_AFTER_SECONDS``, so a poll takes just
 what the fast path could not publish: rows of a broker outage (the fast path drops what it
 holds while the broker is away), of a process that stopped before publishing, of a refusal, of
-another replica. A row the broker refuses is retried later with a growing pause; while the
-broker is unreachable nothing is claimed and nothing is lost.
+another replica. The fast path leaves to the poll a message it did not get to within half that
+time (after a long drain, say), so the two do not publish one row at the same time. A row the
+broker refuses is retried later with a growing pause; while the broker is unreachable nothing
+is claimed and nothing is lost.
 
 Every publish is confirmed and ``mandatory`` (an unroutable message is an error, not a silent
 drop). A crash or a database blink between a confirm and its delete publishes the row again
@@ -24,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import Sequence
 from datetime import timedelta
@@ -35,7 +39,7 @@ from opentelemetry import context
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, SessionTransaction
 
 from campaign_service.metrics import CampaignMetrics
 from campaign_service.outbox.repository import HANDOVER, Handover, OutboxRepository, Outgoing
@@ -72,9 +76,12 @@ class OutboxRelay:
         self._claim_after = timedelta(seconds=settings.outbox_claim_after_seconds)
         self._publish_timeout = settings.outbox_publish_timeout_seconds
         self._max_backoff = settings.outbox_max_backoff_seconds
-        # Handed over and not yet published; beyond this many, rows wait for the poll instead.
-        self._ready: list[Outgoing] = []
+        # Handed over (when, what) and not yet published; beyond this many, rows wait for the
+        # poll instead. A message handed over more than half the claim window ago is left to
+        # the poll too: it may be taking its row already (after a long drain, say).
+        self._ready: list[tuple[float, Outgoing]] = []
         self._ready_max = 10 * settings.outbox_batch_size
+        self._fresh_seconds = settings.outbox_claim_after_seconds / 2
         self._wake = asyncio.Event()
         self._poll_now = False
         self._stopping = False
@@ -87,8 +94,11 @@ class OutboxRelay:
 
     def hand_over(self, messages: Sequence[Outgoing]) -> None:
         """Messages whose rows have just been committed: published at once."""
+        if not messages:
+            return
+        now = time.monotonic()
         room = self._ready_max - len(self._ready)
-        self._ready.extend(messages[:room])  # the rest become due for the poll in time
+        self._ready.extend((now, message) for message in messages[:room])  # the rest: the poll's
         self._wake.set()
 
     def session_class(self) -> type[Session]:
@@ -102,16 +112,19 @@ class OutboxRelay:
                 self.info[HANDOVER] = Handover(claim_after)
 
         def after_commit(session: Session) -> None:
-            handover: Handover = session.info[HANDOVER]
-            if handover.messages:
-                relay.hand_over(handover.messages)
-                handover.messages = []
+            if not session.in_nested_transaction():  # a savepoint released commits nothing yet
+                relay.hand_over(session.info[HANDOVER].committed())
 
-        def after_rollback(session: Session) -> None:
-            session.info[HANDOVER].messages.clear()
+        def after_soft_rollback(session: Session, previous: SessionTransaction) -> None:
+            session.info[HANDOVER].rolled_back(previous)
+
+        def after_transaction_end(session: Session, transaction: SessionTransaction) -> None:
+            if transaction.parent is None:  # ended without a commit (closed): nothing to send
+                session.info[HANDOVER].staged.clear()
 
         event.listen(OutboxHandoverSession, "after_commit", after_commit)
-        event.listen(OutboxHandoverSession, "after_rollback", after_rollback)
+        event.listen(OutboxHandoverSession, "after_soft_rollback", after_soft_rollback)
+        event.listen(OutboxHandoverSession, "after_transaction_end", after_transaction_end)
         return OutboxHandoverSession
 
     def start(self) -> None:
@@ -153,17 +166,19 @@ class OutboxRelay:
             logger.exception("outbox relay pass failed")
 
     async def publish_handed_over(self) -> int:
-        """Publish the messages committed in this process, then delete their rows. What cannot
-        be published now (the broker away, or refusing) is left to the poll."""
+        """Publish the messages committed in this process so far (what is handed over
+        meanwhile waits for the next call: the poll gets its turn in between), then delete their
+        rows. What cannot be published now (the broker away, or refusing) is left to the poll."""
+        taken, self._ready = self._ready, []
+        fresh_since = time.monotonic() - self._fresh_seconds
+        messages = [message for handed, message in taken if handed >= fresh_since]
         published = 0
-        while self._ready:
-            batch = self._ready[: self._batch_size]
-            del self._ready[: self._batch_size]
+        for start in range(0, len(messages), self._batch_size):
+            batch = messages[start : start + self._batch_size]
             if not await self._broker.ping(timeout=0.05):
-                dropped = len(batch) + len(self._ready)
-                self._ready.clear()
                 logger.warning(
-                    "broker unavailable; outbox rows left for the poll", extra={"rows": dropped}
+                    "broker unavailable; outbox rows left for the poll",
+                    extra={"rows": len(messages) - start},
                 )
                 break
             results = await self._publish_all(batch)

@@ -10,6 +10,7 @@ from typing import Any, cast
 
 from sqlalchemy import Interval, Table, bindparam, delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session, SessionTransaction
 
 from shared.events import CampaignCreated
 from shared.messaging import CAMPAIGNS_EXCHANGE
@@ -32,19 +33,51 @@ class Outgoing:
 @dataclass(slots=True)
 class Handover:
     """On a session (``session.info[HANDOVER]``) of a process that publishes the outbox rows it
-    commits itself, at once (:class:`campaign_service.outbox.relay.OutboxRelay`): the messages
-    of the transaction under way, and how long the poll of every replica leaves its rows alone
-    (a row still there after that was not published, and any relay takes it)."""
+    commits itself, at once (:class:`campaign_service.outbox.relay.OutboxRelay`): how long the
+    poll of every replica leaves those rows alone (a row still there after that was not
+    published, and any relay takes it), and the messages of the transaction under way, each
+    with the savepoint it was written in (None: the transaction itself)."""
 
     claim_after: timedelta
-    messages: list[Outgoing] = field(default_factory=list)
+    staged: list[tuple[SessionTransaction | None, Outgoing]] = field(default_factory=list)
+
+    def stage(self, session: Session, message: Outgoing) -> None:
+        self.staged.append((session.get_nested_transaction(), message))
+
+    def committed(self) -> list[Outgoing]:
+        """What the transaction wrote, now committed: taken, to publish."""
+        messages = [message for _, message in self.staged]
+        self.staged.clear()
+        return messages
+
+    def rolled_back(self, transaction: SessionTransaction) -> None:
+        """Forget what ``transaction`` wrote: all of it when it is the whole transaction, the
+        messages of a savepoint and of the savepoints inside it when it is one."""
+        if transaction.parent is None:
+            self.staged.clear()
+            return
+        self.staged = [
+            (written_in, message)
+            for written_in, message in self.staged
+            if not _within(written_in, transaction)
+        ]
+
+
+def _within(inner: SessionTransaction | None, outer: SessionTransaction) -> bool:
+    while inner is not None:
+        if inner is outer:
+            return True
+        inner = inner.parent
+    return False
 
 
 HANDOVER = "outbox_handover"
 # Built once, as the campaign's insert: the request path runs them with parameters only.
 _INSERT = insert(_OUTBOX)
+# From the statement's time, not the transaction's start (now()), so the window is not spent
+# by a long transaction before its commit.
 _INSERT_HANDED_OVER = insert(_OUTBOX).values(
-    available_at=func.now() + bindparam("claim_after", type_=Interval())
+    available_at=func.statement_timestamp() + bindparam("claim_after", type_=Interval())
 )
 
 
@@ -75,7 +108,7 @@ class OutboxRepository:
         await self._session.execute(
             _INSERT_HANDED_OVER, {**values, "claim_after": handover.claim_after}
         )
-        handover.messages.append(message)
+        handover.stage(self._session.sync_session, message)
 
     async def claim(self, limit: int) -> list[tuple[Outgoing, int]]:
         """Lock up to ``limit`` due rows, oldest first: each row's message and how many

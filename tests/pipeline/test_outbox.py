@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -34,6 +35,8 @@ from tests.support.metrics import value
 from tests.support.polling import eventually
 from tests.support.rabbit import PrivateRabbitNode
 from worker.app import create_app as create_worker_app
+
+QUEUE = "worker.campaign.created"
 
 
 async def outbox_rows(db: asyncpg.Connection, tenant: str) -> list[asyncpg.Record]:
@@ -200,6 +203,54 @@ class TestFastPath:
         messages = await take_all(amqp_url, "worker.campaign.created")
         assert [json.loads(m.body)["campaign_id"] for m in messages] == [campaign["id"]]
 
+    async def test_only_what_a_session_commits_is_published(
+        self,
+        campaign_app: FastAPI,
+        amqp_url: str,
+        db: asyncpg.Connection,
+        tenant: str,
+    ) -> None:
+        """Rolled back whole, or from a savepoint, or a savepoint released in a transaction
+        that then rolls back: none of it leaves. A session that commits twice sends each
+        transaction's own messages once."""
+
+        def event(name: str) -> CampaignCreated:
+            return CampaignCreated(tenant_id=tenant, campaign_id=uuid.uuid4(), name=name)
+
+        class Undo(Exception):
+            pass
+
+        kept = [event("kept 1"), event("kept 2"), event("kept 3")]
+        async with campaign_app.state.sessionmaker() as session:
+            outbox = OutboxRepository(session)
+            with contextlib.suppress(Undo):
+                async with session.begin():
+                    async with session.begin_nested():
+                        await outbox.add(event("released, then undone with all"))
+                    raise Undo
+            await outbox.add(event("rolled back"))
+            await session.rollback()
+            await outbox.add(kept[0])
+            await session.commit()
+            async with session.begin():
+                await outbox.add(kept[1])
+                with contextlib.suppress(Undo):
+                    async with session.begin_nested():
+                        await outbox.add(event("savepoint rolled back"))
+                        raise Undo
+                async with session.begin_nested():
+                    await outbox.add(kept[2])
+
+        names: list[str] = []
+
+        async def published() -> list[str]:
+            names.extend(json.loads(m.body)["name"] for m in await take_all(amqp_url, QUEUE))
+            return names
+
+        await eventually(published, until=lambda seen: len(seen) >= len(kept))
+        await eventually(lambda: outbox_rows(db, tenant), until=lambda rows: not rows)
+        assert sorted(await published()) == sorted(e.name for e in kept)
+
     async def test_a_published_row_whose_delete_failed_is_published_again_not_lost(
         self,
         campaign_client: httpx.AsyncClient,
@@ -230,8 +281,17 @@ class TestFastPath:
         assert [json.loads(m.body)["campaign_id"] for m in messages] == [campaign["id"]] * 2
         assert messages[0].message_id == messages[1].message_id  # the worker keeps one
 
-    async def test_a_replicas_poll_leaves_alone_the_rows_another_is_publishing(
+    @pytest.mark.parametrize(
+        ("late", "by_writer"),
+        [
+            (1.0, True),  # within half the claim window: the writer's to publish
+            (4.5, False),  # past the window: the poll's, and the writer leaves them alone
+        ],
+    )
+    async def test_each_row_is_published_once_by_its_writer_or_by_a_poll(
         self,
+        late: float,
+        by_writer: bool,
         database_url: str,
         amqp_url: str,
         user_client: httpx.AsyncClient,
@@ -239,29 +299,38 @@ class TestFastPath:
         db: asyncpg.Connection,
         tenant: str,
     ) -> None:
-        settings = make_campaign_settings(database_url, amqp_url, outbox_poll_interval_seconds=0.05)
+        """The writer's fast path is held back ``late`` seconds while another replica polls
+        every 50 ms."""
+        settings = make_campaign_settings(
+            database_url,
+            amqp_url,
+            outbox_poll_interval_seconds=0.05,
+            outbox_claim_after_seconds=4.0,
+        )
         async with (
             running_campaigns(settings, user_client) as (writer, client),
-            running_campaigns(settings, user_client),
+            running_campaigns(settings, user_client) as (other, _),
         ):
             relay = writer.state.relay
             publish_now = relay.publish_handed_over
 
             async def publish_late() -> int:
-                await asyncio.sleep(0.5)  # the other replica polls ten times meanwhile
+                await asyncio.sleep(late)
                 published: int = await publish_now()
                 return published
 
             relay.publish_handed_over = publish_late
             campaigns = [await create_campaign(client, headers, f"once {n}") for n in range(5)]
             await eventually(lambda: outbox_rows(db, tenant), until=lambda rows: not rows)
-            published = await value(writer, "outbox_published_messages_total")
+            by_each = [
+                await value(app, "outbox_published_messages_total") for app in (writer, other)
+            ]
 
         messages = await take_all(amqp_url, "worker.campaign.created")
         assert sorted(json.loads(m.body)["campaign_id"] for m in messages) == sorted(
             c["id"] for c in campaigns
         )
-        assert published == len(campaigns)
+        assert by_each == ([5, 0] if by_writer else [0, 5])
 
 
 @asynccontextmanager
