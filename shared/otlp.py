@@ -130,9 +130,10 @@ def _int_value(value: int) -> bytes:
 
 # Text attributes, encoded whole (field tag, key and value): most of a span's attributes are the
 # same few pairs again and again (a statement's text, a system's name, an outcome). Emptied when
-# full, since ids and other one-off values fill it too.
+# full, since ids and other one-off values fill it too; long texts (a stack trace) stay out.
 _text_pairs: dict[tuple[bytes, str, str], bytes] = {}
 _TEXT_PAIRS_MAX = 4096
+_TEXT_PAIR_LONGEST = 2048
 
 
 def _attributes(tag: bytes, attributes: Mapping[str, Any] | None) -> bytes:
@@ -142,7 +143,7 @@ def _attributes(tag: bytes, attributes: Mapping[str, Any] | None) -> bytes:
         return b""
     encoded = []
     for key, value in attributes.items():
-        text = type(value) is str
+        text = type(value) is str and len(value) <= _TEXT_PAIR_LONGEST
         if text and (field := _text_pairs.get((tag, key, value))) is not None:
             encoded.append(field)
             continue

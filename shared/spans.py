@@ -100,10 +100,10 @@ class LeanTracer(trace.Tracer):
     processors), of the lighter kind this module makes."""
 
     def __init__(self, sdk: sdk_trace.Tracer) -> None:
+        self._sdk = sdk  # its resource is read per span: the SDK renews it in a forked child
         self._sampler: Sampler = sdk.sampler
         self._ids: IdGenerator = sdk.id_generator
         self._processor: SpanProcessor = sdk.span_processor
-        self._resource: Resource = sdk.resource
         self._scope: InstrumentationScope = sdk._instrumentation_scope
 
     def start_span(
@@ -117,8 +117,10 @@ class LeanTracer(trace.Tracer):
         record_exception: bool = True,
         set_status_on_exception: bool = True,
     ) -> trace.Span:
-        links = links or ()
         parent: SpanContext | None = trace.get_current_span(context).get_span_context()
+        if not self._sdk._is_enabled():  # a tracer the SDK's configurator turned off
+            return trace.NonRecordingSpan(parent or trace.INVALID_SPAN_CONTEXT)
+        links = [link for link in links if link.context.is_valid] if links else ()
         if parent is None or not parent.is_valid:
             parent = None
             trace_id = self._ids.generate_trace_id()
@@ -149,7 +151,7 @@ class LeanTracer(trace.Tracer):
             dict(sampled.attributes),
             links,
             start_time or time.time_ns(),
-            resource=self._resource,
+            resource=self._sdk.resource,
             scope=self._scope,
             processor=self._processor,
         )
@@ -157,7 +159,7 @@ class LeanTracer(trace.Tracer):
         span._set_status_on_exception = set_status_on_exception
         return span
 
-    @contextmanager
+    @contextmanager  # a context manager only (the API's also decorates; nothing here does)
     def start_as_current_span(  # type: ignore[override]  # the API's, with its defaults
         self,
         name: str,

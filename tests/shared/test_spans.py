@@ -159,7 +159,7 @@ class TestSampling:
         )
         span.end()
 
-        assert not span.is_recording()
+        assert isinstance(span, NonRecordingSpan)
         assert span.get_span_context().trace_id == REMOTE.trace_id  # logs still carry the trace
         assert not span.get_span_context().trace_flags.sampled
         assert recorded.finished() == ()
@@ -185,8 +185,29 @@ class TestSampling:
         span = lean_tracer("api", recorded.provider).start_span("POST /campaigns")
         span.end()
 
-        assert not span.is_recording()
+        assert isinstance(span, NonRecordingSpan)
         assert recorded.finished() == ()
+
+    def test_a_span_recorded_but_not_sampled_is_not_exported(
+        self, sampled_by: Callable[[sampling.Sampler], Spans]
+    ) -> None:
+        class RecordOnly(sampling.Sampler):
+            def should_sample(self, *args: Any, **kwargs: Any) -> sampling.SamplingResult:
+                return sampling.SamplingResult(sampling.Decision.RECORD_ONLY, {"why": "local"})
+
+            def get_description(self) -> str:
+                return "RecordOnly"
+
+        recorded = sampled_by(RecordOnly())
+
+        span = lean_tracer("worker", recorded.provider).start_span("process")
+
+        assert isinstance(span, LeanSpan)
+        assert span.is_recording()
+        assert not span.get_span_context().trace_flags.sampled
+        assert dict(span.attributes or {}) == {"why": "local"}  # the sampler's attributes
+        span.end()
+        assert recorded.finished() == ()  # the processors export sampled spans only
 
     def test_a_disabled_sdk_makes_no_span(self, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
@@ -246,6 +267,30 @@ class TestLifecycle:
         (event,) = finished.events
         assert event.name == "exception"
         assert dict(event.attributes or {})["exception.type"] == "RuntimeError"
+
+    def test_a_span_used_as_a_context_manager_records_what_escapes_it(self, spans: Spans) -> None:
+        tracer = lean_tracer("test", spans.provider)
+
+        def fail(*, record: bool) -> None:
+            with tracer.start_span(
+                "insert", record_exception=record, set_status_on_exception=record
+            ):
+                raise LookupError("no such row")
+
+        with pytest.raises(LookupError):
+            fail(record=True)
+        with pytest.raises(LookupError):
+            fail(record=False)
+
+        recorded, quiet = spans.finished()
+        assert (recorded.status.status_code, recorded.status.description) == (
+            StatusCode.ERROR,
+            "LookupError: no such row",
+        )
+        assert [event.name for event in recorded.events] == ["exception"]
+        assert dict(recorded.events[0].attributes or {})["exception.escaped"] == "True"
+        assert (quiet.status.status_code, quiet.events) == (StatusCode.UNSET, ())
+        assert recorded.end_time is not None
 
     def test_a_tracer_without_a_provider_follows_the_one_the_process_sets(
         self, spans: Spans, monkeypatch: pytest.MonkeyPatch
