@@ -251,6 +251,31 @@ class TestFastPath:
         await eventually(lambda: outbox_rows(db, tenant), until=lambda rows: not rows)
         assert sorted(await published()) == sorted(e.name for e in kept)
 
+    async def test_a_burst_beyond_what_the_fast_path_holds_is_published_once(
+        self,
+        database_url: str,
+        amqp_url: str,
+        user_client: httpx.AsyncClient,
+        db: asyncpg.Connection,
+        tenant: str,
+    ) -> None:
+        # The fast path holds ten batches: twenty messages; the other ten are the poll's.
+        settings = make_campaign_settings(database_url, amqp_url, outbox_batch_size=2)
+        events = [
+            CampaignCreated(tenant_id=tenant, campaign_id=uuid.uuid4(), name=f"burst {n}")
+            for n in range(30)
+        ]
+        async with running_campaigns(settings, user_client) as (app, _):
+            async with app.state.sessionmaker() as session, session.begin():
+                for event in events:
+                    await OutboxRepository(session).add(event)
+            await eventually(lambda: outbox_rows(db, tenant), until=lambda rows: not rows)
+
+        messages = await take_all(amqp_url, QUEUE)
+        assert sorted(m.message_id or "" for m in messages) == sorted(
+            str(e.event_id) for e in events
+        )
+
     async def test_a_published_row_whose_delete_failed_is_published_again_not_lost(
         self,
         campaign_client: httpx.AsyncClient,
