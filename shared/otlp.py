@@ -80,16 +80,18 @@ def _text(tag: bytes, text: str | None) -> bytes:
     return _field(tag, text.encode()) if text else b""
 
 
-_key_fields: dict[str, bytes] = {}
+# KeyValue.key and Span.name fields: a process uses few distinct attribute and span names.
+_keys: dict[str, bytes] = {}
+_names: dict[str, bytes] = {}
 
 
-def _key(key: str) -> bytes:
-    """KeyValue.key, cached: a process uses few distinct attribute names."""
-    encoded = _key_fields.get(key)
+def _cached_text(cache: dict[str, bytes], tag: bytes, text: str) -> bytes:
+    """A string field, written once per text (up to 4,096 texts a cache)."""
+    encoded = cache.get(text)
     if encoded is None:
-        encoded = _text(b"\x0a", key)
-        if len(_key_fields) < 4096:
-            _key_fields[key] = encoded
+        encoded = _text(tag, text)
+        if len(cache) < 4096:
+            cache[text] = encoded
     return encoded
 
 
@@ -116,7 +118,8 @@ def _any_value(value: Any) -> bytes:
         return _field(b"\x2a", b"".join([_field(b"\x0a", _any_value(v)) for v in value]))
     if isinstance(value, Mapping):
         pairs = [
-            _field(b"\x0a", _key(str(k)) + _field(b"\x12", _any_value(v))) for k, v in value.items()
+            _field(b"\x0a", _cached_text(_keys, b"\x0a", str(k)) + _field(b"\x12", _any_value(v)))
+            for k, v in value.items()
         ]
         return _field(b"\x32", b"".join(pairs))
     raise TypeError(f"Invalid type {type(value)} of value {value}")
@@ -148,7 +151,8 @@ def _attributes(tag: bytes, attributes: Mapping[str, Any] | None) -> bytes:
             encoded.append(field)
             continue
         try:
-            field = _field(tag, _key(key) + _field(b"\x12", _any_value(value)))
+            key_field = _cached_text(_keys, b"\x0a", key)
+            field = _field(tag, key_field + _field(b"\x12", _any_value(value)))
         except Exception:
             logger.exception("Failed to encode key %s", key)
             continue
@@ -169,17 +173,6 @@ _SPAN_FLAGS = {
     remote: b"\x85\x01" + _fixed32(_HAS_IS_REMOTE | _IS_REMOTE if remote else _HAS_IS_REMOTE)
     for remote in (False, True)
 }
-# Span.name fields: a process names its spans with a few texts.
-_names: dict[str, bytes] = {}
-
-
-def _name(name: str) -> bytes:
-    encoded = _names.get(name)
-    if encoded is None:
-        encoded = _text(b"\x2a", name)
-        if len(_names) < 1024:
-            _names[name] = encoded
-    return encoded
 
 
 def _span(span: ReadableSpan) -> bytes:
@@ -198,7 +191,7 @@ def _span(span: ReadableSpan) -> bytes:
     parent = span.parent
     if parent:
         parts.append(b"\x22\x08" + parent.span_id.to_bytes(8, "big"))
-    parts.append(_name(span.name) + _KIND[span.kind])
+    parts.append(_cached_text(_names, b"\x2a", span.name) + _KIND[span.kind])
     start_time, end_time = span.start_time, span.end_time
     if start_time:
         parts.append(b"\x39" + _fixed64(start_time))
