@@ -29,7 +29,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -159,7 +159,7 @@ class OutboxRelay:
         await self._guarded(self.publish_handed_over)
         await self._guarded(self.drain)
 
-    async def _guarded(self, step: Any) -> None:
+    async def _guarded(self, step: Callable[[], Awaitable[int]]) -> None:
         try:
             await step()
         except Exception:  # the database may be away; the next pass tries again
@@ -182,16 +182,16 @@ class OutboxRelay:
                 )
                 break
             results = await self._publish_all(batch)
-            unsent = 0
+            unsent: list[BaseException] = []
             for message, result in zip(batch, results, strict=True):
                 if isinstance(result, _REFUSED):
                     self._refused(message.id, result, "the poll retries it")
                 elif result is not None:
-                    unsent += 1
+                    unsent.append(result)
             if unsent:
                 logger.warning(
                     "outbox messages not published; the poll retries them",
-                    extra={"rows": unsent, "error": repr(next(r for r in results if r))},
+                    extra={"rows": len(unsent), "error": repr(unsent[0])},
                 )
             confirmed = [m.id for m, result in zip(batch, results, strict=True) if result is None]
             if confirmed:
