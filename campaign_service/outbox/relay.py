@@ -98,7 +98,12 @@ class OutboxRelay:
             return
         now = time.monotonic()
         room = self._ready_max - len(self._ready)
-        self._ready.extend((now, message) for message in messages[:room])  # the rest: the poll's
+        self._ready.extend((now, message) for message in messages[:room])
+        if len(messages) > room:
+            logger.warning(
+                "outbox hand-over full; rows left to the poll",
+                extra={"rows": len(messages) - room},
+            )
         self._wake.set()
 
     def session_class(self) -> type[Session]:

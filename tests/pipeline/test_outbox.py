@@ -258,6 +258,7 @@ class TestFastPath:
         user_client: httpx.AsyncClient,
         db: asyncpg.Connection,
         tenant: str,
+        caplog: pytest.LogCaptureFixture,
     ) -> None:
         # The fast path holds ten batches: twenty messages; the other ten are the poll's.
         settings = make_campaign_settings(database_url, amqp_url, outbox_batch_size=2)
@@ -275,6 +276,8 @@ class TestFastPath:
         assert sorted(m.message_id or "" for m in messages) == sorted(
             str(e.event_id) for e in events
         )
+        [full] = [r for r in caplog.records if r.getMessage().startswith("outbox hand-over full")]
+        assert full.rows == 10  # type: ignore[attr-defined]
 
     async def test_a_published_row_whose_delete_failed_is_published_again_not_lost(
         self,
