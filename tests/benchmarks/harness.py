@@ -238,6 +238,68 @@ class Process:
             await self.process.wait()
 
 
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _process_seconds(pid: int) -> float:
+    """CPU seconds of a process and of its children that have exited (PostgreSQL's backends
+    are the postmaster's); 0 once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    fields = stat.rsplit(")", 1)[1].split()
+    return sum(int(value) for value in fields[11:15]) / _CLOCK_TICKS
+
+
+def pids_named(command: str) -> list[int]:
+    """Every process whose command name is ``command`` (``postgres``, ``beam.smp``)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().strip() == command:
+                    pids.append(int(entry.name))
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+    return pids
+
+
+def _machine_ticks() -> tuple[int, int]:
+    """(busy, all) clock ticks of every CPU since boot, from /proc/stat: user, nice, system,
+    idle, iowait, irq, softirq and steal (guest time is counted in user already)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    idle = values[3] + values[4]
+    return sum(values) - idle, sum(values)
+
+
+class CpuMeter:
+    """CPU time per process group over a run: where a machine's cores went, and how busy the
+    whole machine was (every process on it, not only the measured ones)."""
+
+    def __init__(self, groups: dict[str, list[int]]) -> None:
+        self._groups = groups
+        self._start: dict[str, float] = {}
+        self._machine = (0, 0)
+
+    def _read(self) -> dict[str, float]:
+        return {
+            name: sum(_process_seconds(pid) for pid in pids) for name, pids in self._groups.items()
+        }
+
+    def start(self) -> None:
+        self._start = self._read()
+        self._machine = _machine_ticks()
+
+    def stop(self) -> tuple[dict[str, float], float]:
+        """CPU seconds of each group since :meth:`start`, and the machine's busy share (0-1)."""
+        end = self._read()
+        busy, total = _machine_ticks()
+        spent = {name: end[name] - self._start[name] for name in end}
+        share = (busy - self._machine[0]) / max(total - self._machine[1], 1)
+        return spent, share
+
+
 def python(*args: str) -> list[str]:
     return [sys.executable, *args]
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import statistics
 import time
 import uuid
@@ -22,7 +23,15 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
-from tests.benchmarks.harness import Bench, Process, free_port, python, wait_http
+from tests.benchmarks.harness import (
+    Bench,
+    CpuMeter,
+    Process,
+    free_port,
+    pids_named,
+    python,
+    wait_http,
+)
 from tests.benchmarks.http import token_for
 from tests.support.users import new_private_key_pem
 
@@ -165,10 +174,29 @@ async def run(bench: Bench, rates: list[int], seconds: int) -> dict[str, Any]:
         await wait_http(f"{campaigns_url}/ready")
         await wait_http(f"http://127.0.0.1:{ports['worker']}/ready")
         token = await token_for(user_url)
+        service, worker = processes[1], processes[2]
         for rate in rates:
+            # Where the machine's CPU went while the campaigns were created and processed.
+            meter = CpuMeter(
+                {
+                    "campaign_service": [service.pid],
+                    "worker": [worker.pid],
+                    "postgresql": pids_named("postgres"),
+                    "rabbitmq": pids_named("beam.smp"),
+                    "load generator": [os.getpid()],
+                }
+            )
+            meter.start()
             offered = await offer(campaigns_url, token, rate, seconds)
             processed = await _wait_processed(bench, set(offered.due), timeout=60)
-            runs.append(_summary(rate, seconds, offered, processed))
+            spent, busy = meter.stop()
+            run = _summary(rate, seconds, offered, processed)
+            created = max(run["created"], 1)
+            run["cpu_ms_per_campaign"] = {
+                name: round(1000 * cpu / created, 2) for name, cpu in spent.items()
+            }
+            run["machine_busy_percent"] = round(100 * busy, 1)
+            runs.append(run)
     finally:
         for process in processes:
             await process.stop()
@@ -189,6 +217,15 @@ async def run(bench: Bench, rates: list[int], seconds: int) -> dict[str, Any]:
                 "max ms": round(run["max_ms"], 1),
                 "201 p50 ms": round(run["answer_p50_ms"], 1),
                 "201 p99 ms": round(run["answer_p99_ms"], 1),
+            }
+            for run in runs
+        ],
+        "cpu_table": [
+            {
+                "rate/s": run["offered_rate"],
+                **{f"{name} ms": ms for name, ms in run["cpu_ms_per_campaign"].items()},
+                "all listed ms": round(sum(run["cpu_ms_per_campaign"].values()), 2),
+                "machine busy %": run["machine_busy_percent"],
             }
             for run in runs
         ],

@@ -45,6 +45,7 @@ async def main() -> None:
                 bench, rates=[int(rate) for rate in args.rates.split(",")], seconds=args.seconds
             )
             print(table("End-to-end latency", results["latency"]["table"]))
+            print(table("CPU per campaign (latency runs)", results["latency"]["cpu_table"]))
         if "http" in wanted:
             results["http"] = await http.run(bench)
             print(table("HTTP", results["http"]["table"]))
