@@ -132,7 +132,8 @@ class OutboxRepository:
         return [(Outgoing(*row[:5]), row.attempts) for row in rows]
 
     async def delete(self, ids: Sequence[uuid.UUID]) -> None:
-        await self._session.execute(delete(OutboxMessage).where(OutboxMessage.id.in_(ids)))
+        # On the table, not the mapped class: no ORM bulk delete looking for objects to expire.
+        await self._session.execute(delete(_OUTBOX).where(_OUTBOX.c.id.in_(ids)))
 
     async def reschedule(self, message_id: uuid.UUID, *, error: str, delay: timedelta) -> None:
         await self._session.execute(

@@ -15,10 +15,11 @@ import asyncpg
 import httpx
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import update
+from sqlalchemy import event, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from campaign_service.app import create_app as create_campaign_app
+from campaign_service.outbox import relay as relay_module
 from campaign_service.outbox.repository import OutboxRepository
 from campaign_service.settings import CampaignServiceSettings
 from shared.db import create_sessionmaker
@@ -203,6 +204,56 @@ class TestFastPath:
         messages = await take_all(amqp_url, "worker.campaign.created")
         assert [json.loads(m.body)["campaign_id"] for m in messages] == [campaign["id"]]
 
+    async def test_rows_of_events_sent_one_by_one_are_deleted_together(
+        self,
+        database_url: str,
+        amqp_url: str,
+        user_client: httpx.AsyncClient,
+        headers: dict[str, str],
+        db: asyncpg.Connection,
+        tenant: str,
+    ) -> None:
+        settings = make_campaign_settings(database_url, amqp_url, outbox_poll_interval_seconds=3600)
+        async with running_campaigns(settings, user_client) as (app, client):
+            deletes = count_statements(app.state.engine, "DELETE FROM outbox")
+            campaigns = [await create_campaign(client, headers, f"trickle {n}") for n in range(10)]
+            await eventually(lambda: outbox_rows(db, tenant), until=lambda rows: not rows)
+
+        messages = await take_all(amqp_url, QUEUE)
+        assert sorted(json.loads(m.body)["campaign_id"] for m in messages) == sorted(
+            c["id"] for c in campaigns
+        )
+        # Each campaign is published by itself, at once; their rows go a few at a time.
+        assert 1 <= len(deletes) < len(campaigns) / 2
+
+    async def test_a_stopping_service_deletes_the_rows_it_published(
+        self,
+        database_url: str,
+        amqp_url: str,
+        user_client: httpx.AsyncClient,
+        headers: dict[str, str],
+        db: asyncpg.Connection,
+        tenant: str,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        monkeypatch.setattr(relay_module, "_DELETE_LINGER_SECONDS", 3600.0)
+        settings = make_campaign_settings(
+            database_url,
+            amqp_url,
+            outbox_poll_interval_seconds=3600,
+            outbox_claim_after_seconds=14_400,
+        )
+        async with running_campaigns(settings, user_client) as (app, client):
+            campaign = await create_campaign(client, headers, "published, then stopped")
+            await eventually(
+                lambda: value(app, "outbox_published_messages_total"), until=lambda n: n == 1
+            )
+            assert len(await outbox_rows(db, tenant)) == 1  # its delete waits for company
+
+        assert await outbox_rows(db, tenant) == []
+        messages = await take_all(amqp_url, QUEUE)
+        assert [json.loads(m.body)["campaign_id"] for m in messages] == [campaign["id"]]
+
     async def test_only_what_a_session_commits_is_published(
         self,
         campaign_app: FastAPI,
@@ -359,6 +410,19 @@ class TestFastPath:
             c["id"] for c in campaigns
         )
         assert by_each == ([5, 0] if by_writer else [0, 5])
+
+
+def count_statements(engine: AsyncEngine, prefix: str) -> list[str]:
+    """The statements starting with ``prefix`` that ``engine`` runs from now on."""
+    seen: list[str] = []
+
+    def note(*args: Any) -> None:
+        statement: str = args[2]
+        if statement.startswith(prefix):
+            seen.append(statement)
+
+    event.listen(engine.sync_engine, "before_cursor_execute", note)
+    return seen
 
 
 @asynccontextmanager
