@@ -8,12 +8,12 @@ the database to speak (an id, a unique violation). The dependency uses FastAPI's
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Annotated
+from collections.abc import AsyncIterator, Mapping
+from typing import Annotated, Any, NamedTuple
 
 from fastapi import Depends, Request
 from opentelemetry.instrumentation.utils import suppress_instrumentation
-from sqlalchemy import MetaData, text
+from sqlalchemy import Insert, MetaData, text
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import (
@@ -38,6 +38,15 @@ NAMING_CONVENTION = {
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Write(NamedTuple):
+    """A repository's INSERT and its parameters, for another repository to run in its own
+    statement (as a data-modifying ``WITH``): rows that are written together, in one round
+    trip to the database instead of one each."""
+
+    statement: Insert
+    parameters: Mapping[str, Any]
 
 
 def create_engine(settings: DatabaseSettings, *, application_name: str) -> AsyncEngine:

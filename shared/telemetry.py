@@ -248,13 +248,17 @@ def start_statement_span(
     tracer: trace.Tracer, statement: str, database: dict[str, AttributeValue]
 ) -> trace.Span:
     """A statement's CLIENT span, named ``<operation> <table>`` (``INSERT campaigns``) as the
-    database conventions name it, with its text and never its parameters."""
-    operation, table = _operation_and_table(statement)
+    database conventions name it, with its text and never its parameters. A statement with
+    data-modifying ``WITH`` parts is named by each part in turn, as a query summary (``INSERT
+    campaigns INSERT outbox``); its operation and table are the main statement's."""
+    operation, table, summary = _names(statement)
     attributes = {**database, "db.operation.name": operation, "db.query.text": statement}
     if table:
         attributes["db.collection.name"] = table
+    if summary:
+        attributes["db.query.summary"] = summary
     return tracer.start_span(
-        f"{operation} {table}" if table else operation,
+        summary or (f"{operation} {table}" if table else operation),
         kind=trace.SpanKind.CLIENT,
         attributes=attributes,
     )
@@ -267,13 +271,48 @@ _TARGET = re.compile(
 )
 
 
-@functools.lru_cache(maxsize=1024)  # the engine's statements are a few texts run again and again
 def _operation_and_table(statement: str) -> tuple[str, str | None]:
     words = statement.split(None, 1)
     if not words:
         return "postgresql", None
     target = _TARGET.match(statement)
     return words[0].upper(), target.group(1) if target else None
+
+
+def _with_parts(statement: str) -> list[str] | None:
+    """The bodies of a ``WITH`` statement's parts and, last, its main statement; None when the
+    statement has no ``WITH`` (or one this cannot follow)."""
+    if statement.lstrip()[:5].upper() not in ("WITH ", "WITH\n"):
+        return None
+    parts, depth, start = [], 0, 0
+    for index, char in enumerate(statement):
+        if char == "(":
+            depth += 1
+            if depth == 1:
+                start = index + 1
+        elif char == ")":
+            depth -= 1
+            if depth == 0:
+                parts.append(statement[start:index])
+                rest = statement[index + 1 :].lstrip()
+                if not rest.startswith(","):
+                    return [*parts, rest]
+    return None
+
+
+@functools.lru_cache(maxsize=1024)  # the engine's statements are a few texts run again and again
+def _names(statement: str) -> tuple[str, str | None, str | None]:
+    """The statement's operation and table, and a summary of its parts when it has a ``WITH``
+    that writes."""
+    parts = _with_parts(statement)
+    if parts is None:
+        return (*_operation_and_table(statement), None)
+    named = [_operation_and_table(part) for part in parts]
+    operation, table = named[-1]
+    if all(part_operation == "SELECT" for part_operation, _ in named[:-1]):
+        return operation, table, None  # a read-only WITH: named by its main statement
+    summary = " ".join(f"{op} {name}" if name else op for op, name in named)
+    return operation, table, summary
 
 
 class RabbitTracing:

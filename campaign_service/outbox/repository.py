@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Interval, Table, bindparam, delete, func, insert, select, update
+from sqlalchemy import Insert, Interval, Table, bindparam, delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session, SessionTransaction
 
+from shared.db import Write
 from shared.events import CampaignCreated
 from shared.messaging import CAMPAIGNS_EXCHANGE
 from shared.models import OutboxMessage
@@ -81,11 +83,26 @@ _INSERT_HANDED_OVER = insert(_OUTBOX).values(
 )
 
 
+@functools.lru_cache(maxsize=32)
+def _written_with(statement: Insert, other: Insert) -> Insert:
+    """``statement`` with ``other`` in its WITH clause: both inserts, one statement (made once
+    for each pair: a statement built per call costs more than it runs)."""
+    return statement.add_cte(other.cte())
+
+
 class OutboxRepository:
     def __init__(self, session: AsyncSession) -> None:
         self._session = session
 
-    async def add(self, event: CampaignCreated, *, headers: dict[str, str] | None = None) -> None:
+    async def add(
+        self,
+        event: CampaignCreated,
+        *,
+        headers: dict[str, str] | None = None,
+        together_with: Write | None = None,
+    ) -> None:
+        """The event's row, in the caller's transaction; with ``together_with`` (the row of the
+        change the event tells of), both rows in one statement."""
         message = Outgoing(
             event.event_id,
             CAMPAIGNS_EXCHANGE.name,
@@ -93,7 +110,7 @@ class OutboxRepository:
             event.model_dump(mode="json"),
             headers or {},
         )
-        values = {
+        values: dict[str, Any] = {
             "id": message.id,
             "tenant_id": event.tenant_id,
             "exchange": message.exchange,
@@ -102,13 +119,16 @@ class OutboxRepository:
             "headers": message.headers,
         }
         handover: Handover | None = self._session.info.get(HANDOVER)
-        if handover is None:  # any relay's poll takes the row once it is committed
-            await self._session.execute(_INSERT, values)
-            return
-        await self._session.execute(
-            _INSERT_HANDED_OVER, {**values, "claim_after": handover.claim_after}
-        )
-        handover.stage(self._session.sync_session, message)
+        statement = _INSERT
+        if handover is not None:  # else any relay's poll takes the row once it is committed
+            statement = _INSERT_HANDED_OVER
+            values["claim_after"] = handover.claim_after
+        if together_with is not None:
+            statement = _written_with(statement, together_with.statement)
+            values.update(together_with.parameters)
+        await self._session.execute(statement, values)
+        if handover is not None:
+            handover.stage(self._session.sync_session, message)
 
     async def claim(self, limit: int) -> list[tuple[Outgoing, int]]:
         """Lock up to ``limit`` due rows, oldest first: each row's message and how many

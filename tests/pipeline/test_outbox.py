@@ -94,16 +94,22 @@ class TestPublishing:
         headers: dict[str, str],
         db: asyncpg.Connection,
         tenant: str,
-        monkeypatch: pytest.MonkeyPatch,
     ) -> None:
-        async def broken_add(*args: Any, **kwargs: Any) -> None:
-            raise RuntimeError("outbox insert failed")
+        # The database refuses this tenant's outbox rows (and only its: NOT VALID, other rows
+        # are not checked), so the event's row fails after the campaign's was written.
+        constraint = f"refuse_{uuid.uuid4().hex}"
+        await db.execute(
+            f"ALTER TABLE outbox ADD CONSTRAINT {constraint} "
+            f"CHECK (tenant_id <> '{tenant}') NOT VALID"
+        )
+        try:
+            response = await campaign_client.post(
+                "/campaigns", json={"name": "half"}, headers=headers
+            )
+        finally:
+            await db.execute(f"ALTER TABLE outbox DROP CONSTRAINT {constraint}")
 
-        monkeypatch.setattr(OutboxRepository, "add", broken_add)
-
-        with pytest.raises(RuntimeError):
-            await campaign_client.post("/campaigns", json={"name": "half"}, headers=headers)
-
+        assert response.status_code == 500
         count = await db.fetchval("SELECT count(*) FROM campaigns WHERE tenant_id = $1", tenant)
         assert count == 0
 

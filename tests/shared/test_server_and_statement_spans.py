@@ -203,6 +203,30 @@ class TestStatementSpans:
         assert select.attributes is not None
         assert select.attributes["db.collection.name"] == "campaigns"
 
+    async def test_a_statement_that_writes_in_its_with_is_named_by_each_part(
+        self, traced_engine: AsyncEngine, spans: Spans
+    ) -> None:
+        async with traced_engine.begin() as connection:
+            await connection.execute(
+                text(
+                    "WITH gone AS (DELETE FROM outbox WHERE tenant_id = 'nobody' RETURNING id)\n"
+                    "SELECT count(*) FROM campaigns WHERE id IN (SELECT id FROM gone)"
+                )
+            )
+            await connection.execute(
+                text("WITH mine AS (SELECT id FROM campaigns) SELECT count(*) FROM mine")
+            )
+        writes, reads = spans.finished()
+        assert writes.name == "DELETE outbox SELECT campaigns"
+        assert writes.attributes is not None
+        assert writes.attributes["db.query.summary"] == writes.name
+        assert writes.attributes["db.operation.name"] == "SELECT"
+        assert writes.attributes["db.collection.name"] == "campaigns"
+        # A WITH that only reads is named by its main statement, as any SELECT.
+        assert reads.name == "SELECT mine"
+        assert reads.attributes is not None
+        assert "db.query.summary" not in reads.attributes
+
     async def test_transaction_control_makes_no_span(
         self, traced_engine: AsyncEngine, spans: Spans
     ) -> None:
