@@ -22,8 +22,11 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
 from typing import Any, cast
 
+import aio_pika
+from aio_pika.abc import AbstractExchange, AbstractRobustChannel, AbstractRobustConnection
 from faststream._internal.types import BrokerMiddleware
 from faststream.rabbit import (
     Channel,
@@ -34,8 +37,10 @@ from faststream.rabbit import (
     RabbitQueue,
 )
 from faststream.rabbit.schemas.queue import QuorumQueueArgs
+from opentelemetry import trace
 
 from shared.events import CAMPAIGN_CREATED
+from shared.telemetry import publish_span
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +145,107 @@ def create_broker(
         # First connection attempts are ours to retry (BrokerStartup), not aio-pika's.
         fail_fast=True,
     )
+
+
+class ChannelSpread:
+    """Confirmed, persistent, ``mandatory`` publishes spread over several channels of the
+    broker's own connection, each in a publish span of ``tracer`` (as :class:`RabbitTracing`
+    makes for the broker's publishes).
+
+    For a process that publishes many messages at once (the outbox relay): aiormq sends a
+    channel's messages one at a time (``basic_publish`` holds the channel's lock until the
+    writer task has put the message's frames on the socket), so publishes that overlap on one
+    channel wait for each other, each costing a few turns of the event loop, and a turn takes
+    milliseconds when requests keep the loop busy. Side by side on several channels they do not.
+    The channels are aio-pika's robust ones: they come back with the connection after an
+    outage, and are opened again if the broker made a new connection.
+    """
+
+    def __init__(
+        self, broker: RabbitBroker, *, channels: int, tracer: trace.Tracer, app_id: str
+    ) -> None:
+        self._broker = broker
+        self._size = channels
+        self._tracer = tracer
+        self._app_id = app_id
+        self._connection: AbstractRobustConnection | None = None
+        self._exchanges: list[dict[str, AbstractExchange]] = []
+        self._channels: list[AbstractRobustChannel] = []
+        self._next = 0
+        self._opening: asyncio.Lock | None = None
+
+    async def close(self) -> None:
+        """Close the channels (before the broker closes its connection under them)."""
+        channels, self._channels, self._exchanges = self._channels, [], []
+        self._connection = None
+        for channel in channels:
+            with contextlib.suppress(Exception):  # closing anyway: the broker may be away
+                await channel.close()
+
+    async def _exchange(self, name: str) -> AbstractExchange:
+        """Exchange ``name`` on the next channel, round robin."""
+        connection = await self._broker.connect()
+        if connection is not self._connection:
+            self._opening = self._opening or asyncio.Lock()
+            async with self._opening:
+                if connection is not self._connection:
+                    self._channels = [
+                        await connection.channel(publisher_confirms=True, on_return_raises=True)
+                        for _ in range(self._size)
+                    ]
+                    self._exchanges = [{} for _ in self._channels]
+                    self._connection = connection
+        self._next = (self._next + 1) % self._size
+        exchanges = self._exchanges[self._next]
+        exchange = exchanges.get(name)
+        if exchange is None:
+            channel = self._channels[self._next]
+            exchange = exchanges[name] = (
+                channel.default_exchange
+                if name == ""
+                else await channel.get_exchange(name, ensure=False)
+            )
+        return exchange
+
+    async def publish(
+        self,
+        body: bytes,
+        *,
+        exchange: str,
+        routing_key: str,
+        message_id: str,
+        message_type: str,
+        headers: dict[str, Any],
+        confirm_seconds: float,
+    ) -> None:
+        """Publish and return once the broker has confirmed; an unroutable message raises
+        (``DeliveryError``), and so does a confirm that takes longer than ``confirm_seconds``."""
+        headers = dict(headers)
+        with publish_span(
+            self._tracer,
+            exchange=exchange,
+            routing_key=routing_key,
+            message_id=message_id,
+            correlation_id=None,
+            headers=headers,
+        ):
+            async with asyncio.timeout(confirm_seconds):
+                target = await self._exchange(exchange)
+                await target.publish(
+                    aio_pika.Message(
+                        body,
+                        content_type="application/json",
+                        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                        message_id=message_id,
+                        type=message_type,
+                        headers=headers,
+                        timestamp=datetime.now(UTC),
+                        app_id=self._app_id,
+                    ),
+                    routing_key=routing_key,
+                    mandatory=True,
+                    timeout=confirm_seconds,
+                )
 
 
 async def publish_confirmed(

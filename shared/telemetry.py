@@ -29,11 +29,12 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import functools
 import logging
 import os
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from fastapi import FastAPI
@@ -340,30 +341,52 @@ class _PublishSpan(BaseMiddleware[RabbitPublishCommand, Any]):
     async def publish_scope(
         self, call_next: Callable[[RabbitPublishCommand], Awaitable[Any]], cmd: RabbitPublishCommand
     ) -> Any:
-        exchange = cmd.exchange.name
-        attributes: dict[str, AttributeValue] = {
-            SpanAttributes.MESSAGING_SYSTEM: "rabbitmq",
-            SpanAttributes.MESSAGING_OPERATION: "publish",
-            SpanAttributes.MESSAGING_DESTINATION_NAME: exchange,
-            SpanAttributes.MESSAGING_RABBITMQ_DESTINATION_ROUTING_KEY: cmd.destination,
-        }
-        if message_id := cmd.message_options.get("message_id"):
-            attributes[SpanAttributes.MESSAGING_MESSAGE_ID] = message_id
-        if cmd.correlation_id:
-            attributes[SpanAttributes.MESSAGING_MESSAGE_CONVERSATION_ID] = cmd.correlation_id
-        with self._tracer.start_as_current_span(
-            f"{exchange or 'default'}.{cmd.destination} publish",
-            kind=trace.SpanKind.PRODUCER,
-            attributes=attributes,
-        ) as span:
-            propagate.inject(cmd.headers)
-            try:
-                return await call_next(cmd)
-            except asyncio.CancelledError:
-                # A confirm that timed out (``asyncio.timeout`` cancels the publish) did not
-                # publish either; the SDK marks only an Exception as an error.
-                span.set_status(trace.StatusCode.ERROR, "cancelled: not confirmed in time")
-                raise
+        with publish_span(
+            self._tracer,
+            exchange=cmd.exchange.name,
+            routing_key=cmd.destination,
+            message_id=cmd.message_options.get("message_id"),
+            correlation_id=cmd.correlation_id,
+            headers=cmd.headers,
+        ):
+            return await call_next(cmd)
+
+
+@contextlib.contextmanager
+def publish_span(
+    tracer: trace.Tracer,
+    *,
+    exchange: str,
+    routing_key: str,
+    message_id: str | None,
+    correlation_id: str | None,
+    headers: dict[str, Any],
+) -> Iterator[trace.Span]:
+    """A publish's PRODUCER span (``<exchange>.<routing key> publish``, as FastStream names its
+    own), current while the block runs, with its W3C context written into ``headers``."""
+    attributes: dict[str, AttributeValue] = {
+        SpanAttributes.MESSAGING_SYSTEM: "rabbitmq",
+        SpanAttributes.MESSAGING_OPERATION: "publish",
+        SpanAttributes.MESSAGING_DESTINATION_NAME: exchange,
+        SpanAttributes.MESSAGING_RABBITMQ_DESTINATION_ROUTING_KEY: routing_key,
+    }
+    if message_id:
+        attributes[SpanAttributes.MESSAGING_MESSAGE_ID] = message_id
+    if correlation_id:
+        attributes[SpanAttributes.MESSAGING_MESSAGE_CONVERSATION_ID] = correlation_id
+    with tracer.start_as_current_span(
+        f"{exchange or 'default'}.{routing_key} publish",
+        kind=trace.SpanKind.PRODUCER,
+        attributes=attributes,
+    ) as span:
+        propagate.inject(headers)
+        try:
+            yield span
+        except asyncio.CancelledError:
+            # A confirm that timed out (``asyncio.timeout`` cancels the publish) did not
+            # publish either; the SDK marks only an Exception as an error.
+            span.set_status(trace.StatusCode.ERROR, "cancelled: not confirmed in time")
+            raise
 
 
 def current_trace_context() -> dict[str, str]:

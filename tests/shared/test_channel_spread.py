@@ -1,0 +1,168 @@
+"""Publishes spread over several channels (the outbox relay's), on a real RabbitMQ: confirmed,
+with the same properties and span as the broker's own publishes, refused when unroutable, and
+side by side rather than one after the other."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import aio_pika
+import pytest
+from aiormq.exceptions import DeliveryError, PublishError
+from faststream.rabbit import RabbitBroker
+from opentelemetry import context, propagate, trace
+from opentelemetry.trace import StatusCode
+
+from shared import spans as lean_spans
+from shared.messaging import (
+    CAMPAIGNS_EXCHANGE,
+    WORKER_QUEUE_NAME,
+    ChannelSpread,
+    create_broker,
+    declare_core,
+)
+from tests.support.spans import Spans
+
+STORED = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+@pytest.fixture
+async def broker(amqp_url: str) -> AsyncIterator[RabbitBroker]:
+    broker = create_broker(amqp_url, app_id="test")
+    await broker.connect()
+    await declare_core(broker)
+    try:
+        yield broker
+    finally:
+        await broker.stop()
+
+
+def spread_of(broker: RabbitBroker, spans: Spans, channels: int = 4) -> ChannelSpread:
+    tracer = lean_spans.tracer(__name__, spans.provider)
+    return ChannelSpread(broker, channels=channels, tracer=tracer, app_id="test")
+
+
+async def publish(
+    spread: ChannelSpread, message_id: str, routing_key: str = "campaign.created"
+) -> None:
+    await spread.publish(
+        b'{"hello": "world"}',
+        exchange=CAMPAIGNS_EXCHANGE.name,
+        routing_key=routing_key,
+        message_id=message_id,
+        message_type="campaign.created",
+        headers={"traceparent": STORED, "x-extra": "kept"},
+        confirm_seconds=5,
+    )
+
+
+async def take(amqp_url: str, count: int) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        queue = await (await connection.channel()).get_queue(WORKER_QUEUE_NAME)
+        messages: list[aio_pika.abc.AbstractIncomingMessage] = []
+        while len(messages) < count and (message := await queue.get(fail=False, no_ack=True)):
+            messages.append(message)
+        return messages
+    finally:
+        await connection.close()
+
+
+async def test_a_message_is_confirmed_with_its_properties_in_a_publish_span(
+    broker: RabbitBroker, spans: Spans, amqp_url: str
+) -> None:
+    spread = spread_of(broker, spans)
+    token = context.attach(propagate.extract({"traceparent": STORED}))
+    try:
+        await publish(spread, "event-1")
+    finally:
+        context.detach(token)
+        await spread.close()
+
+    [message] = await take(amqp_url, 1)
+    assert message.body == b'{"hello": "world"}'
+    assert message.message_id == "event-1"
+    assert message.type == "campaign.created"
+    assert message.content_type == "application/json"
+    assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+    assert message.app_id == "test"
+    assert message.headers["x-extra"] == "kept"
+
+    [span] = spans.finished()
+    assert span.name == "campaigns.campaign.created publish"
+    assert span.kind is trace.SpanKind.PRODUCER
+    assert span.parent is not None
+    assert format(span.parent.span_id, "016x") == STORED[36:52]
+    assert span.attributes is not None
+    assert span.attributes["messaging.message.id"] == "event-1"
+    carried = trace.get_current_span(propagate.extract(dict(message.headers))).get_span_context()
+    assert (carried.trace_id, carried.span_id) == (span.context.trace_id, span.context.span_id)
+
+
+async def test_an_unroutable_message_is_refused(broker: RabbitBroker, spans: Spans) -> None:
+    spread = spread_of(broker, spans)
+    try:
+        with pytest.raises((DeliveryError, PublishError)):
+            await publish(spread, "lost", routing_key="nowhere")
+    finally:
+        await spread.close()
+
+    [span] = spans.finished()
+    assert span.status.status_code is StatusCode.ERROR
+
+
+async def test_publishes_go_side_by_side_while_the_event_loop_is_busy(
+    broker: RabbitBroker, spans: Spans, amqp_url: str
+) -> None:
+    """Eight tasks keep the loop busy (a millisecond of CPU a step, like requests). Over one
+    channel each publish waits for the one before it, a few turns of the loop each; over
+    several they overlap."""
+    turns = 0
+    stop = asyncio.Event()
+
+    async def busy() -> None:
+        nonlocal turns
+        while not stop.is_set():
+            started = time.perf_counter()
+            while time.perf_counter() - started < 0.001:
+                pass
+            turns += 1
+            await asyncio.sleep(0)
+
+    async def loop_turns(spread: ChannelSpread, prefix: str) -> int:
+        nonlocal turns
+        await publish(spread, f"{prefix}-open")  # opens the channels
+        turns = 0
+        await asyncio.gather(*(publish(spread, f"{prefix}-{n}") for n in range(48)))
+        return turns // 8
+
+    workers = [asyncio.create_task(busy()) for _ in range(8)]
+    one, spread = spread_of(broker, spans, channels=1), spread_of(broker, spans, channels=12)
+    try:
+        over_one = await loop_turns(one, "one")
+        over_several = await loop_turns(spread, "several")
+    finally:
+        stop.set()
+        await asyncio.gather(*workers)
+        await one.close()
+        await spread.close()
+
+    assert len(await take(amqp_url, 100)) == 2 * 49
+    assert over_several * 3 < over_one, (over_one, over_several)
+
+
+async def test_it_opens_new_channels_when_the_broker_connects_again(
+    broker: RabbitBroker, spans: Spans, amqp_url: str
+) -> None:
+    spread = spread_of(broker, spans)
+    try:
+        await publish(spread, "before")
+        await broker.stop()
+        await broker.connect()
+        await publish(spread, "after")
+    finally:
+        await spread.close()
+
+    assert [m.message_id for m in await take(amqp_url, 2)] == ["before", "after"]
