@@ -172,7 +172,7 @@ class ChannelSpread:
         self._exchanges: list[dict[str, AbstractExchange]] = []
         self._channels: list[AbstractRobustChannel] = []
         self._next = 0
-        self._opening: asyncio.Lock | None = None
+        self._opening = asyncio.Lock()
 
     async def close(self) -> None:
         """Close the channels (before the broker closes its connection under them)."""
@@ -186,7 +186,6 @@ class ChannelSpread:
         """Exchange ``name`` on the next channel, round robin."""
         connection = await self._broker.connect()
         if connection is not self._connection:
-            self._opening = self._opening or asyncio.Lock()
             async with self._opening:
                 if connection is not self._connection:
                     self._channels = [
@@ -195,11 +194,11 @@ class ChannelSpread:
                     ]
                     self._exchanges = [{} for _ in self._channels]
                     self._connection = connection
-        self._next = (self._next + 1) % self._size
-        exchanges = self._exchanges[self._next]
+        self._next = index = (self._next + 1) % self._size
+        exchanges = self._exchanges[index]
         exchange = exchanges.get(name)
         if exchange is None:
-            channel = self._channels[self._next]
+            channel = self._channels[index]
             exchange = exchanges[name] = (
                 channel.default_exchange
                 if name == ""
