@@ -34,7 +34,7 @@ from tests.pipeline.conftest import (
 from tests.support.campaigns import create_campaign, login_headers, steps, wait_for_jobs
 from tests.support.metrics import value
 from tests.support.polling import eventually
-from tests.support.rabbit import PrivateRabbitNode
+from tests.support.rabbit import PrivateRabbitNode, take_all
 from worker.app import create_app as create_worker_app
 
 QUEUE = "worker.campaign.created"
@@ -43,18 +43,6 @@ QUEUE = "worker.campaign.created"
 async def outbox_rows(db: asyncpg.Connection, tenant: str) -> list[asyncpg.Record]:
     rows: list[asyncpg.Record] = await db.fetch("SELECT * FROM outbox WHERE tenant_id = $1", tenant)
     return rows
-
-
-async def take_all(amqp_url: str, queue_name: str) -> list[aio_pika.abc.AbstractIncomingMessage]:
-    """Consume every message waiting in a queue (no worker is running in these tests)."""
-    messages = []
-    connection = await aio_pika.connect(amqp_url)
-    async with connection:
-        channel = await connection.channel()
-        queue = await channel.declare_queue(queue_name, passive=True)
-        while (message := await queue.get(fail=False, no_ack=True)) is not None:
-            messages.append(message)
-    return messages
 
 
 class TestPublishing:

@@ -23,6 +23,7 @@ from shared.messaging import (
     create_broker,
     declare_core,
 )
+from tests.support.rabbit import take_all
 from tests.support.spans import Spans
 
 STORED = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
@@ -58,18 +59,6 @@ async def publish(
     )
 
 
-async def take(amqp_url: str, count: int) -> list[aio_pika.abc.AbstractIncomingMessage]:
-    connection = await aio_pika.connect(amqp_url)
-    try:
-        queue = await (await connection.channel()).get_queue(WORKER_QUEUE_NAME)
-        messages: list[aio_pika.abc.AbstractIncomingMessage] = []
-        while len(messages) < count and (message := await queue.get(fail=False, no_ack=True)):
-            messages.append(message)
-        return messages
-    finally:
-        await connection.close()
-
-
 async def test_a_message_is_confirmed_with_its_properties_in_a_publish_span(
     broker: RabbitBroker, spans: Spans, amqp_url: str
 ) -> None:
@@ -81,7 +70,7 @@ async def test_a_message_is_confirmed_with_its_properties_in_a_publish_span(
         context.detach(token)
         await spread.close()
 
-    [message] = await take(amqp_url, 1)
+    [message] = await take_all(amqp_url, WORKER_QUEUE_NAME)
     assert message.body == b'{"hello": "world"}'
     assert message.message_id == "event-1"
     assert message.type == "campaign.created"
@@ -149,7 +138,7 @@ async def test_publishes_go_side_by_side_while_the_event_loop_is_busy(
         await one.close()
         await spread.close()
 
-    assert len(await take(amqp_url, 100)) == 2 * 49
+    assert len(await take_all(amqp_url, WORKER_QUEUE_NAME)) == 2 * 49
     assert over_several * 3 < over_one, (over_one, over_several)
 
 
@@ -165,4 +154,5 @@ async def test_it_opens_new_channels_when_the_broker_connects_again(
     finally:
         await spread.close()
 
-    assert [m.message_id for m in await take(amqp_url, 2)] == ["before", "after"]
+    messages = await take_all(amqp_url, WORKER_QUEUE_NAME)
+    assert [m.message_id for m in messages] == ["before", "after"]

@@ -171,3 +171,15 @@ async def publish_raw(amqp_url: str, body: bytes, **properties: Any) -> None:
             aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, **properties),
             routing_key="campaign.created",
         )
+
+
+async def take_all(amqp_url: str, queue_name: str) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    """Consume every message waiting in a queue (when nothing else consumes it)."""
+    messages = []
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(queue_name, passive=True)
+        while (message := await queue.get(fail=False, no_ack=True)) is not None:
+            messages.append(message)
+    return messages
