@@ -124,6 +124,8 @@ class OutboxRepository:
             statement = _INSERT_HANDED_OVER
             values["claim_after"] = handover.claim_after
         if together_with is not None:
+            if clash := values.keys() & together_with.parameters.keys():
+                raise ValueError(f"parameters named as the outbox row's: {sorted(clash)}")
             statement = _written_with(statement, together_with.statement)
             values.update(together_with.parameters)
         await self._session.execute(statement, values)

@@ -15,14 +15,14 @@ import asyncpg
 import httpx
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import event, update
+from sqlalchemy import event, insert, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from campaign_service.app import create_app as create_campaign_app
 from campaign_service.outbox import relay as relay_module
 from campaign_service.outbox.repository import OutboxRepository
 from campaign_service.settings import CampaignServiceSettings
-from shared.db import create_sessionmaker
+from shared.db import Write, create_sessionmaker
 from shared.events import CampaignCreated
 from shared.models import OutboxMessage
 from tests.pipeline.conftest import (
@@ -100,6 +100,17 @@ class TestPublishing:
         assert response.status_code == 500
         count = await db.fetchval("SELECT count(*) FROM campaigns WHERE tenant_id = $1", tenant)
         assert count == 0
+
+    async def test_a_row_written_with_it_must_not_reuse_the_outbox_rows_parameters(
+        self, db_engine: AsyncEngine, db: asyncpg.Connection, tenant: str
+    ) -> None:
+        event = CampaignCreated(tenant_id=tenant, campaign_id=uuid.uuid4(), name="clash")
+        other = Write(insert(OutboxMessage.__table__), {"id": uuid.uuid4()})  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match=r"\['id'\]"):
+            async with create_sessionmaker(db_engine)() as session, session.begin():
+                await OutboxRepository(session).add(event, together_with=other)
+
+        assert await outbox_rows(db, tenant) == []
 
     async def test_a_refused_message_stays_and_does_not_block_others(
         self,
