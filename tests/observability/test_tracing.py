@@ -56,9 +56,19 @@ def job_log_insert(spans: list[ReceivedSpan]) -> list[ReceivedSpan]:
     ]
 
 
+def processes(spans: list[ReceivedSpan]) -> list[ReceivedSpan]:
+    return [
+        span
+        for span in spans
+        if span.service == "worker"
+        and span.kind == "CONSUMER"
+        and span.name == "campaigns.campaign.created process"
+    ]
+
+
 async def complete_trace(stack: Stack, trace_id: str, inserts: int = 1) -> list[ReceivedSpan]:
-    """The trace once the worker's row insert(s), the HTTP server span and the publish spans
-    have arrived."""
+    """The trace once the worker's row insert(s) and process span(s), the HTTP server span and
+    the publish spans have arrived."""
 
     async def spans() -> list[ReceivedSpan]:
         return stack.receiver.trace(trace_id)
@@ -67,6 +77,9 @@ async def complete_trace(stack: Stack, trace_id: str, inserts: int = 1) -> list[
         spans,
         until=lambda found: (
             len(job_log_insert(found)) >= inserts
+            # A delivery's process span ends after its row's insert span: it can come in the
+            # worker's next export.
+            and len(processes(found)) >= inserts
             and any(span.kind == "SERVER" for span in found)
             # Each process exports on its own schedule: wait for the publish span too.
             and len(publishes(found)) >= 1
@@ -102,13 +115,7 @@ def assert_request_to_row_chain(spans: list[ReceivedSpan], event_id: str) -> Non
     assert publish.attributes["messaging.rabbitmq.destination.routing_key"] == "campaign.created"
     assert publish.attributes["messaging.message.id"] == event_id
 
-    [process] = [
-        span
-        for span in spans
-        if span.service == "worker"
-        and span.kind == "CONSUMER"
-        and span.name == "campaigns.campaign.created process"
-    ]
+    [process] = processes(spans)
     [process_parent] = [span for span in spans if span.span_id == process.parent_span_id]
     assert process_parent == publish  # one PRODUCER span a publish, the consumer's parent
     assert server in ancestors(process, spans)
