@@ -158,7 +158,9 @@ class ChannelSpread:
     channel wait for each other, each costing a few turns of the event loop, and a turn takes
     milliseconds when requests keep the loop busy. Side by side on several channels they do not.
     The channels are aio-pika's robust ones: they come back with the connection after an
-    outage, and are opened again if the broker made a new connection.
+    outage, and are opened again if the broker made a new connection. Publish only through a
+    broker that has connected (the relay pings it first): on one that has not,
+    ``broker.connect()`` here would open its connection.
     """
 
     def __init__(
