@@ -12,7 +12,7 @@ import aio_pika
 import pytest
 from aiormq.exceptions import DeliveryError, PublishError
 from faststream.rabbit import RabbitBroker
-from opentelemetry import context, propagate, trace
+from opentelemetry import context, propagate
 from opentelemetry.trace import StatusCode
 
 from shared import spans as lean_spans
@@ -24,9 +24,7 @@ from shared.messaging import (
     declare_core,
 )
 from tests.support.rabbit import take_all
-from tests.support.spans import Spans
-
-STORED = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+from tests.support.spans import STORED_TRACEPARENT, Spans, assert_publish_span_carried
 
 
 @pytest.fixture
@@ -54,7 +52,7 @@ async def publish(
         routing_key=routing_key,
         message_id=message_id,
         message_type="campaign.created",
-        headers={"traceparent": STORED, "x-extra": "kept"},
+        headers={"traceparent": STORED_TRACEPARENT, "x-extra": "kept"},
         confirm_seconds=5,
     )
 
@@ -63,7 +61,7 @@ async def test_a_message_is_confirmed_with_its_properties_in_a_publish_span(
     broker: RabbitBroker, spans: Spans, amqp_url: str
 ) -> None:
     spread = spread_of(broker, spans)
-    token = context.attach(propagate.extract({"traceparent": STORED}))
+    token = context.attach(propagate.extract({"traceparent": STORED_TRACEPARENT}))
     try:
         await publish(spread, "event-1")
     finally:
@@ -80,14 +78,7 @@ async def test_a_message_is_confirmed_with_its_properties_in_a_publish_span(
     assert message.headers["x-extra"] == "kept"
 
     [span] = spans.finished()
-    assert span.name == "campaigns.campaign.created publish"
-    assert span.kind is trace.SpanKind.PRODUCER
-    assert span.parent is not None
-    assert format(span.parent.span_id, "016x") == STORED[36:52]
-    assert span.attributes is not None
-    assert span.attributes["messaging.message.id"] == "event-1"
-    carried = trace.get_current_span(propagate.extract(dict(message.headers))).get_span_context()
-    assert (carried.trace_id, carried.span_id) == (span.context.trace_id, span.context.span_id)
+    assert_publish_span_carried(span, message.headers, message_id="event-1")
 
 
 async def test_an_unroutable_message_is_refused(broker: RabbitBroker, spans: Spans) -> None:

@@ -9,7 +9,7 @@ import aio_pika
 import pytest
 from aio_pika.exceptions import PublishError
 from faststream.rabbit import RabbitBroker
-from opentelemetry import context, propagate, trace
+from opentelemetry import context, propagate
 from opentelemetry.trace import StatusCode
 
 from shared.messaging import (
@@ -20,9 +20,7 @@ from shared.messaging import (
     publish_confirmed,
 )
 from shared.telemetry import RabbitTracing
-from tests.support.spans import Spans
-
-STORED = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+from tests.support.spans import STORED_TRACEPARENT, Spans, assert_publish_span_carried
 
 
 @pytest.fixture
@@ -53,29 +51,21 @@ async def test_a_publish_is_one_span_whose_context_the_message_carries(
     broker: RabbitBroker, spans: Spans, amqp_url: str
 ) -> None:
     # As the outbox relay publishes: in the stored request context, with its traceparent.
-    token = context.attach(propagate.extract({"traceparent": STORED}))
+    token = context.attach(propagate.extract({"traceparent": STORED_TRACEPARENT}))
     try:
         await broker.publish(
             b"{}",
             exchange=CAMPAIGNS_EXCHANGE.name,
             routing_key="campaign.created",
             message_id="event-1",
-            headers={"traceparent": STORED},
+            headers={"traceparent": STORED_TRACEPARENT},
         )
     finally:
         context.detach(token)
     message = await _received(amqp_url)
 
     [span] = spans.finished()
-    assert span.name == "campaigns.campaign.created publish"
-    assert span.kind is trace.SpanKind.PRODUCER
-    assert span.parent is not None
-    assert format(span.parent.span_id, "016x") == STORED[36:52]
-    assert span.attributes is not None
-    assert span.attributes["messaging.message.id"] == "event-1"
-    assert span.attributes["messaging.destination.name"] == "campaigns"
-    carried = trace.get_current_span(propagate.extract(dict(message.headers))).get_span_context()
-    assert (carried.trace_id, carried.span_id) == (span.context.trace_id, span.context.span_id)
+    assert_publish_span_carried(span, message.headers, message_id="event-1")
 
 
 async def test_a_refused_publish_is_an_error(broker: RabbitBroker, spans: Spans) -> None:
