@@ -10,7 +10,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -277,14 +277,18 @@ class CpuMeter:
     """CPU time per process group over a run: where a machine's cores went, and how busy the
     whole machine was (every process on it, not only the measured ones)."""
 
-    def __init__(self, groups: dict[str, list[int]]) -> None:
+    def __init__(self, groups: dict[str, Callable[[], list[int]]]) -> None:
+        """``groups``: each group's processes, looked up at the start and again at the end (a
+        PostgreSQL backend opened during the run counts from its start; one that ended counts
+        in its postmaster's children's time)."""
         self._groups = groups
         self._start: dict[str, float] = {}
         self._machine = (0, 0)
 
     def _read(self) -> dict[str, float]:
         return {
-            name: sum(_process_seconds(pid) for pid in pids) for name, pids in self._groups.items()
+            name: sum(_process_seconds(pid) for pid in pids())
+            for name, pids in self._groups.items()
         }
 
     def start(self) -> None:

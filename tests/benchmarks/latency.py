@@ -179,11 +179,11 @@ async def run(bench: Bench, rates: list[int], seconds: int) -> dict[str, Any]:
             # Where the machine's CPU went while the campaigns were created and processed.
             meter = CpuMeter(
                 {
-                    "campaign_service": [service.pid],
-                    "worker": [worker.pid],
-                    "postgresql": pids_named("postgres"),
-                    "rabbitmq": pids_named("beam.smp"),
-                    "load generator": [os.getpid()],
+                    "campaign_service": lambda: [service.pid],
+                    "worker": lambda: [worker.pid],
+                    "postgresql": lambda: pids_named("postgres"),
+                    "rabbitmq": lambda: pids_named("beam.smp"),
+                    "load generator": lambda: [os.getpid()],
                 }
             )
             meter.start()
