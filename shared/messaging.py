@@ -27,6 +27,7 @@ from typing import Any, cast
 
 import aio_pika
 from aio_pika.abc import AbstractExchange, AbstractRobustChannel, AbstractRobustConnection
+from aiormq.exceptions import ChannelNotFoundEntity
 from faststream._internal.types import BrokerMiddleware
 from faststream.rabbit import (
     Channel,
@@ -161,6 +162,13 @@ class ChannelSpread:
     outage, and are opened again if the broker made a new connection. Publish only through a
     broker that has connected (the relay pings it first): on one that has not,
     ``broker.connect()`` here would open its connection.
+
+    A message for an exchange that does not exist is refused (``ChannelNotFoundEntity``)
+    without being published: each exchange is looked up once a connection, on a channel of its
+    own. Published, it would make the broker close the channel it went on, and the publishes of
+    other messages already on their way on that channel would then arrive on a closed channel,
+    which RabbitMQ answers by closing the whole connection; the relay's next pass would publish
+    it again, and the connection would go down again, every pass.
     """
 
     def __init__(
@@ -173,6 +181,7 @@ class ChannelSpread:
         self._connection: AbstractRobustConnection | None = None
         self._exchanges: list[dict[str, AbstractExchange]] = []
         self._channels: list[AbstractRobustChannel] = []
+        self._existing: set[str] = set()  # exchanges looked up on this connection
         self._next = 0
         self._opening = asyncio.Lock()
 
@@ -195,7 +204,10 @@ class ChannelSpread:
                         for _ in range(self._size)
                     ]
                     self._exchanges = [{} for _ in self._channels]
+                    self._existing = {""}  # the default exchange always exists
                     self._connection = connection
+        if name not in self._existing:
+            await self._look_up(connection, name)
         self._next = index = (self._next + 1) % self._size
         exchanges = self._exchanges[index]
         exchange = exchanges.get(name)
@@ -207,6 +219,18 @@ class ChannelSpread:
                 else await channel.get_exchange(name, ensure=False)
             )
         return exchange
+
+    async def _look_up(self, connection: AbstractRobustConnection, name: str) -> None:
+        """Raise ``ChannelNotFoundEntity`` unless exchange ``name`` exists, asked (a passive
+        declare) on a channel that nothing else uses and that is not reopened when the broker
+        closes it."""
+        async with self._opening:
+            if name in self._existing:
+                return
+            async with aio_pika.Channel(connection, publisher_confirms=False) as channel:
+                await channel.get_exchange(name, ensure=True)
+            if connection is self._connection:
+                self._existing.add(name)
 
     async def publish(
         self,
@@ -220,7 +244,8 @@ class ChannelSpread:
         confirm_seconds: float,
     ) -> None:
         """Publish and return once the broker has confirmed; an unroutable message raises
-        (``DeliveryError``), and so does a confirm that takes longer than ``confirm_seconds``."""
+        (``DeliveryError``), one for a missing exchange too (``ChannelNotFoundEntity``), and so
+        does a confirm that takes longer than ``confirm_seconds``."""
         headers = dict(headers)
         with publish_span(
             self._tracer,
@@ -230,23 +255,28 @@ class ChannelSpread:
             correlation_id=None,
             headers=headers,
         ):
-            async with asyncio.timeout(confirm_seconds):
-                target = await self._exchange(exchange)
-                await target.publish(
-                    aio_pika.Message(
-                        body,
-                        content_type="application/json",
-                        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                        message_id=message_id,
-                        type=message_type,
-                        headers=headers,
-                        timestamp=datetime.now(UTC),
-                        app_id=self._app_id,
-                    ),
-                    routing_key=routing_key,
-                    mandatory=True,
-                    timeout=confirm_seconds,
-                )
+            try:
+                async with asyncio.timeout(confirm_seconds):
+                    target = await self._exchange(exchange)
+                    await target.publish(
+                        aio_pika.Message(
+                            body,
+                            content_type="application/json",
+                            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                            message_id=message_id,
+                            type=message_type,
+                            headers=headers,
+                            timestamp=datetime.now(UTC),
+                            app_id=self._app_id,
+                        ),
+                        routing_key=routing_key,
+                        mandatory=True,
+                        timeout=confirm_seconds,
+                    )
+            except ChannelNotFoundEntity:
+                # Deleted since it was looked up: looked up again before the next publish.
+                self._existing.discard(exchange)
+                raise
 
 
 async def publish_confirmed(

@@ -39,7 +39,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
-from aiormq.exceptions import DeliveryError, PublishError
+from aiormq.exceptions import ChannelNotFoundEntity, DeliveryError, PublishError
 from faststream.rabbit import RabbitBroker
 from opentelemetry import context
 from opentelemetry.instrumentation.utils import suppress_instrumentation
@@ -57,9 +57,10 @@ from shared.telemetry import context_from
 
 logger = logging.getLogger(__name__)
 
-# The broker answered and refused this message: retry the row later. Anything else (a timeout,
-# a dropped connection) means the broker is unavailable: leave the rows for the next pass.
-_REFUSED = (DeliveryError, PublishError)
+# The broker answered and refused this message (unroutable, or its exchange does not exist):
+# retry the row later. Anything else (a timeout, a dropped connection) means the broker is
+# unavailable: leave the rows for the next pass.
+_REFUSED = (DeliveryError, PublishError, ChannelNotFoundEntity)
 # How long the rows of confirmed fast-path messages may wait to be deleted together (at most a
 # quarter of the claim window, OUTBOX_CLAIM_AFTER_SECONDS, so the poll does not take them again).
 _DELETE_LINGER_SECONDS = 0.2

@@ -112,6 +112,16 @@ class TestPublishing:
 
         assert await outbox_rows(db, tenant) == []
 
+    @pytest.mark.parametrize(
+        ("where", "refusal"),
+        [
+            # An event no queue is bound for: with `mandatory` the broker hands it back.
+            ({"routing_key": "campaign.nowhere"}, "NO_ROUTE"),
+            # An exchange that does not exist: published, it would close the connection.
+            ({"exchange": "nowhere"}, "NOT_FOUND"),
+        ],
+        ids=["unroutable", "no such exchange"],
+    )
     async def test_a_refused_message_stays_and_does_not_block_others(
         self,
         campaign_client: httpx.AsyncClient,
@@ -120,8 +130,9 @@ class TestPublishing:
         db: asyncpg.Connection,
         db_engine: AsyncEngine,
         tenant: str,
+        where: dict[str, str],
+        refusal: str,
     ) -> None:
-        # An event no queue is bound for: with `mandatory` the broker hands it back.
         orphan = CampaignCreated(tenant_id=tenant, campaign_id=uuid.uuid4(), name="orphan")
         async with create_sessionmaker(db_engine)() as session, session.begin():
             await OutboxRepository(session).add(orphan)
@@ -129,8 +140,9 @@ class TestPublishing:
                 update(OutboxMessage)
                 .where(OutboxMessage.id == orphan.event_id)
                 # Refused for a very long time already: the backoff must stay bounded.
-                .values(routing_key="campaign.nowhere", attempts=5000)
+                .values(**where, attempts=5000)
             )
+        connection = await campaign_app.state.broker.connect()
         try:
             campaign_app.state.relay.notify()
             [row] = await eventually(
@@ -138,7 +150,7 @@ class TestPublishing:
                 until=lambda rows: bool(rows) and rows[0]["attempts"] > 5000,
                 what="the refused row marked",
             )
-            assert "NO_ROUTE" in row["last_error"] or "312" in row["last_error"]
+            assert refusal in row["last_error"]
 
             campaign = await create_campaign(campaign_client, headers, "still flows")
             await eventually(
@@ -147,6 +159,8 @@ class TestPublishing:
                 what="the new campaign published past the refused row",
             )
             assert campaign["name"] == "still flows"
+            # On the same connection: the refusal did not take the broker connection down.
+            assert await campaign_app.state.broker.connect() is connection
         finally:
             await db.execute("DELETE FROM outbox WHERE id = $1", orphan.event_id)
 

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 import aio_pika
 import pytest
-from aiormq.exceptions import DeliveryError, PublishError
+from aiormq.exceptions import ChannelNotFoundEntity, DeliveryError, PublishError
 from faststream.rabbit import RabbitBroker
 from opentelemetry import context, propagate
 from opentelemetry.trace import StatusCode
@@ -44,11 +44,14 @@ def spread_of(broker: RabbitBroker, spans: Spans, channels: int = 4) -> ChannelS
 
 
 async def publish(
-    spread: ChannelSpread, message_id: str, routing_key: str = "campaign.created"
+    spread: ChannelSpread,
+    message_id: str,
+    routing_key: str = "campaign.created",
+    exchange: str = CAMPAIGNS_EXCHANGE.name,
 ) -> None:
     await spread.publish(
         b'{"hello": "world"}',
-        exchange=CAMPAIGNS_EXCHANGE.name,
+        exchange=exchange,
         routing_key=routing_key,
         message_id=message_id,
         message_type="campaign.created",
@@ -91,6 +94,35 @@ async def test_an_unroutable_message_is_refused(broker: RabbitBroker, spans: Spa
 
     [span] = spans.finished()
     assert span.status.status_code is StatusCode.ERROR
+
+
+async def test_a_message_for_a_missing_exchange_is_refused_and_the_others_go(
+    broker: RabbitBroker, spans: Spans, amqp_url: str
+) -> None:
+    """Published, a message for a missing exchange would close its channel under the other
+    messages on it, and RabbitMQ would then close the connection."""
+    spread = spread_of(broker, spans, channels=2)
+    connection = await broker.connect()
+    try:
+        await publish(spread, "first")  # the channels are open, messages on their way on each
+        results = await asyncio.gather(
+            *(
+                publish(spread, f"event-{n}", exchange="nowhere" if n % 10 == 0 else "campaigns")
+                for n in range(60)
+            ),
+            return_exceptions=True,
+        )
+        await publish(spread, "after")
+    finally:
+        await spread.close()
+
+    refused = [n for n, result in enumerate(results) if result is not None]
+    assert refused == list(range(0, 60, 10)), results
+    assert all(isinstance(results[n], ChannelNotFoundEntity) for n in refused)
+    assert await broker.connect() is connection
+    assert not connection.is_closed
+    messages = await take_all(amqp_url, WORKER_QUEUE_NAME)
+    assert len(messages) == 2 + 60 - len(refused)
 
 
 async def test_publishes_go_side_by_side_while_the_event_loop_is_busy(
