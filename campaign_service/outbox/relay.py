@@ -66,6 +66,9 @@ _REFUSED = (DeliveryError, PublishError, ChannelNotFoundEntity)
 _DELETE_LINGER_SECONDS = 0.2
 # Channels the relay publishes on, side by side.
 _CHANNELS = 16
+# Under overload every commit overflows the hand-over: one warning line per this many seconds
+# (with the rows left to the poll since the last), not one per request.
+_OVERFLOW_LOG_SECONDS = 10.0
 _tracer = spans.tracer(__name__)
 
 
@@ -101,6 +104,8 @@ class OutboxRelay:
         self._ready: list[tuple[float, Outgoing]] = []
         self._ready_max = 10 * settings.outbox_batch_size
         self._fresh_seconds = settings.outbox_claim_after_seconds / 2
+        self._overflow = 0  # rows left to the poll since the last warning
+        self._overflow_logged = -_OVERFLOW_LOG_SECONDS
         # Rows of confirmed fast-path messages, and when the first of them must be deleted.
         self._published: list[uuid.UUID] = []
         self._delete_due = 0.0
@@ -122,12 +127,17 @@ class OutboxRelay:
         now = time.monotonic()
         room = self._ready_max - len(self._ready)
         self._ready.extend((now, message) for message in messages[:room])
-        if len(messages) > room:
+        self._overflow += max(len(messages) - room, 0)
+        self._report_overflow(now)
+        self._wake.set()
+
+    def _report_overflow(self, now: float) -> None:
+        if self._overflow and now >= self._overflow_logged + _OVERFLOW_LOG_SECONDS:
             logger.warning(
                 "outbox hand-over full; rows left to the poll",
-                extra={"rows": len(messages) - room},
+                extra={"rows": self._overflow},
             )
-        self._wake.set()
+            self._overflow, self._overflow_logged = 0, now
 
     def session_class(self) -> type[Session]:
         """A session class whose commits hand this relay the outbox messages they wrote."""
@@ -203,7 +213,9 @@ class OutboxRelay:
         deleted by :meth:`delete_published`. What cannot be published now (the broker away, or
         refusing) is left to the poll."""
         taken, self._ready = self._ready, []
-        fresh_since = time.monotonic() - self._fresh_seconds
+        now = time.monotonic()
+        self._report_overflow(now)  # what overflowed since the last line, once it is due
+        fresh_since = now - self._fresh_seconds
         messages = [message for handed, message in taken if handed >= fresh_since]
         published = 0
         for start in range(0, len(messages), self._batch_size):
