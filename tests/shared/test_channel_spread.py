@@ -20,22 +20,15 @@ from shared.messaging import (
     CAMPAIGNS_EXCHANGE,
     WORKER_QUEUE_NAME,
     ChannelSpread,
-    create_broker,
-    declare_core,
 )
-from tests.support.rabbit import take_all
+from tests.support.rabbit import connected_broker, take_all
 from tests.support.spans import STORED_TRACEPARENT, Spans, assert_publish_span_carried
 
 
 @pytest.fixture
 async def broker(amqp_url: str) -> AsyncIterator[RabbitBroker]:
-    broker = create_broker(amqp_url, app_id="test")
-    await broker.connect()
-    await declare_core(broker)
-    try:
+    async with connected_broker(amqp_url) as broker:
         yield broker
-    finally:
-        await broker.stop()
 
 
 def spread_of(broker: RabbitBroker, spans: Spans, channels: int = 4) -> ChannelSpread:

@@ -15,24 +15,18 @@ from opentelemetry.trace import StatusCode
 from shared.messaging import (
     CAMPAIGNS_EXCHANGE,
     WORKER_QUEUE_NAME,
-    create_broker,
-    declare_core,
     publish_confirmed,
 )
 from shared.telemetry import RabbitTracing
+from tests.support.rabbit import connected_broker
 from tests.support.spans import STORED_TRACEPARENT, Spans, assert_publish_span_carried
 
 
 @pytest.fixture
 async def broker(amqp_url: str, spans: Spans) -> AsyncIterator[RabbitBroker]:
     """A broker whose publishes are traced into ``spans``."""
-    broker = create_broker(amqp_url, app_id="test", middlewares=[RabbitTracing(spans.provider)])
-    await broker.connect()
-    await declare_core(broker)
-    try:
+    async with connected_broker(amqp_url, middlewares=[RabbitTracing(spans.provider)]) as broker:
         yield broker
-    finally:
-        await broker.stop()
 
 
 async def _received(amqp_url: str) -> aio_pika.abc.AbstractIncomingMessage:

@@ -9,12 +9,17 @@ import shutil
 import subprocess
 import tempfile
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import aio_pika
 import httpx
+from faststream.rabbit import RabbitBroker
+
+from shared.messaging import create_broker, declare_core
 
 MANAGEMENT_URL = os.environ.get("TEST_RABBITMQ_MANAGEMENT_URL", "http://127.0.0.1:15672")
 AMQP_BASE = os.environ.get("TEST_RABBITMQ_AMQP_BASE", "amqp://guest:guest@127.0.0.1:5672")
@@ -183,3 +188,16 @@ async def take_all(amqp_url: str, queue_name: str) -> list[aio_pika.abc.Abstract
         while (message := await queue.get(fail=False, no_ack=True)) is not None:
             messages.append(message)
     return messages
+
+
+@asynccontextmanager
+async def connected_broker(amqp_url: str, **options: Any) -> AsyncIterator[RabbitBroker]:
+    """A broker of the platform's (``create_broker(**options)``), connected, with the core
+    topology declared; stopped on the way out."""
+    broker = create_broker(amqp_url, app_id="test", **options)
+    await broker.connect()
+    await declare_core(broker)
+    try:
+        yield broker
+    finally:
+        await broker.stop()
