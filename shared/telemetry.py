@@ -286,14 +286,17 @@ def _with_parts(statement: str) -> list[str] | None:
     if statement.lstrip()[:5].upper() not in ("WITH ", "WITH\n"):
         return None
     parts, depth, start = [], 0, 0
+    body = False  # the parenthesis open at depth 1 holds a part (not a list of column names)
     for index, char in enumerate(statement):
         if char == "(":
             depth += 1
             if depth == 1:
                 start = index + 1
+                before = statement[:index].rstrip().upper()
+                body = before.endswith((" AS", " MATERIALIZED"))
         elif char == ")":
             depth -= 1
-            if depth == 0:
+            if depth == 0 and body:
                 parts.append(statement[start:index])
                 rest = statement[index + 1 :].lstrip()
                 if not rest.startswith(","):

@@ -216,7 +216,16 @@ class TestStatementSpans:
             await connection.execute(
                 text("WITH mine AS (SELECT id FROM campaigns) SELECT count(*) FROM mine")
             )
-        writes, reads = spans.finished()
+            # Column names in parentheses, and a part the planner must not inline.
+            await connection.execute(
+                text(
+                    "WITH gone (ident) AS MATERIALIZED "
+                    "(DELETE FROM outbox WHERE tenant_id = 'nobody' RETURNING id), "
+                    "kept (ident, n) AS (SELECT id, 1 FROM campaigns) "
+                    "SELECT count(*) FROM gone"
+                )
+            )
+        writes, reads, listed = spans.finished()
         assert writes.name == "DELETE outbox SELECT campaigns"
         assert writes.attributes is not None
         assert writes.attributes["db.query.summary"] == writes.name
@@ -226,6 +235,7 @@ class TestStatementSpans:
         assert reads.name == "SELECT mine"
         assert reads.attributes is not None
         assert "db.query.summary" not in reads.attributes
+        assert listed.name == "DELETE outbox SELECT campaigns SELECT gone"
 
     async def test_transaction_control_makes_no_span(
         self, traced_engine: AsyncEngine, spans: Spans
