@@ -10,6 +10,9 @@
 - ``OTEL_BSP_*`` tune the export queue; its size defaults to 16,384 spans here (the SDK's 2,048
   is less than a burst of the worker's batches holds, and a full queue drops spans).
 
+Spans are encoded and sent by a process of the service's own (``shared/span_export.py``), so
+that the encoding does not hold the GIL the service's event loop needs.
+
 One trace per campaign: the HTTP server span (:class:`ServerSpans`, ASGI middleware), the
 statement spans (:func:`trace_statements`, SQLAlchemy engine events), the publish span
 (:class:`RabbitTracing`, broker middleware, W3C ``traceparent`` in the AMQP headers), the
@@ -46,7 +49,6 @@ from opentelemetry.context import Context
 from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider, sampling
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.semconv.trace import SpanAttributes
 from opentelemetry.util.types import AttributeValue
 from sqlalchemy import event
@@ -56,7 +58,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared import spans
 from shared.metrics import KNOWN_METHODS
-from shared.otlp import DirectOTLPSpanExporter
+from shared.span_export import ExportProcessSpanProcessor
 
 logger = logging.getLogger(__name__)
 
@@ -81,9 +83,7 @@ def configure_tracing(service_name: str) -> TracerProvider:
         resource=Resource.create(attributes), sampler=sampling._get_from_env_or_default()
     )
     if _exporting():
-        provider.add_span_processor(
-            BatchSpanProcessor(DirectOTLPSpanExporter(), max_queue_size=_export_queue_size())
-        )
+        provider.add_span_processor(ExportProcessSpanProcessor(service_name))
     trace.set_tracer_provider(provider)
     atexit.register(provider.shutdown)  # flush the last spans when the process ends
     _provider = provider
@@ -95,16 +95,6 @@ def configure_tracing(service_name: str) -> TracerProvider:
         },
     )
     return provider
-
-
-_EXPORT_QUEUE_SIZE = 16_384
-
-
-def _export_queue_size() -> int | None:
-    """The span queue's size: OTEL_BSP_MAX_QUEUE_SIZE when set (None lets the SDK read it),
-    else a queue that holds a few of the worker's batches (two spans a delivery) while the
-    exporter thread catches up."""
-    return None if os.environ.get("OTEL_BSP_MAX_QUEUE_SIZE") else _EXPORT_QUEUE_SIZE
 
 
 def _exporting() -> bool:

@@ -209,16 +209,12 @@ class Process:
         return self.process.pid
 
     def rss_mib(self) -> float | None:
-        """Resident set size, or None once the process has exited (the baselines stop at their
-        count)."""
-        try:
-            status = Path(f"/proc/{self.pid}/status").read_text()
-        except FileNotFoundError:
+        """Resident set size of the process and the processes it started (a service's span
+        export process), or None once it has exited (the baselines stop at their count)."""
+        sizes = [_rss_mib(pid) for pid in [self.pid, *_descendants(self.pid)]]
+        if sizes[0] is None:
             return None
-        for line in status.splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return None
+        return sum(size or 0 for size in sizes)
 
     async def wait(self, timeout: float) -> None:
         """Until the process exits by itself; TimeoutError after ``timeout`` seconds."""
@@ -239,6 +235,33 @@ class Process:
 
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _rss_mib(pid: int) -> float | None:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return None
+
+
+def _descendants(pid: int) -> list[int]:
+    found = []
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except FileNotFoundError:
+        return []
+    for task in tasks:
+        try:
+            children = [int(child) for child in (task / "children").read_text().split()]
+        except FileNotFoundError:
+            continue
+        for child in children:
+            found += [child, *_descendants(child)]
+    return found
 
 
 def _process_seconds(pid: int) -> float:

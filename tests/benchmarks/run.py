@@ -66,13 +66,14 @@ def _memory_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
         worker = results["drain"]["worker"]
         rows.append(
             {
-                "process": "worker",
+                "process": "worker + its span export process",
                 "when": f"after draining {worker['events']:,} events",
                 "RSS MiB": worker["rss_mib"],
             }
         )
     for name, rss in results.get("http", {}).get("rss_mib", {}).items():
-        rows.append({"process": name, "when": "after the HTTP runs", "RSS MiB": rss})
+        process = f"{name} + its span export process"
+        rows.append({"process": process, "when": "after the HTTP runs", "RSS MiB": rss})
     return rows
 
 

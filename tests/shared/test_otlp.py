@@ -7,105 +7,23 @@ import asyncio
 from collections.abc import Iterator
 
 import pytest
-from opentelemetry import propagate, trace
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans as sdk_encode
 from opentelemetry.exporter.otlp.proto.http import Compression
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import Link, SpanKind, Status, StatusCode
-from opentelemetry.util.types import AttributeValue
 
 from shared.otlp import DirectOTLPSpanExporter, encode_spans
 from tests.support.otlp import OtlpReceiver
-
-TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
-
-VALUES: dict[str, AttributeValue] = {
-    "text": "rabbitmq",
-    "empty": "",
-    "unicode": "naïve ✓ 東京",
-    "long": "x" * 20_000,  # a length that takes three bytes to write
-    "true": True,
-    "false": False,
-    "zero": 0,
-    "negative": -1,
-    "int64.max": 2**63 - 1,
-    "int64.min": -(2**63),
-    "float.zero": 0.0,
-    "float": -1.5,
-    "float.huge": 1e300,
-    "texts": ("a", "", "ü"),
-    "ints": (1, -2, 2**40),
-    "floats": (0.5, -0.0),
-    "bools": (True, False),
-    "none.of.them": (),
-    "bytes": b"\x00\xff raw",
-}
-
-
-def _provider(resource: Resource, exporter: InMemorySpanExporter) -> TracerProvider:
-    limits = SpanLimits(max_span_attributes=len(VALUES), max_events=3, max_links=2)
-    provider = TracerProvider(resource=resource, span_limits=limits)
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    return provider
+from tests.support.span_samples import TRACEPARENT, every_kind_of_span, provider_for
 
 
 @pytest.fixture
 def spans() -> Iterator[list[ReadableSpan]]:
-    """Spans of every kind, field and value, from two resources and several scopes, their
-    resources and scopes interleaved."""
-    exporter = InMemorySpanExporter()
-    service = _provider(
-        Resource({"service.name": "campaign_service", "service.instance.id": 7}),
-        exporter,
-    )
-    other = _provider(
-        Resource({"service.name": "worker", "host.cores": 2}, schema_url="https://x.test/1.2"),
-        exporter,
-    )
-    web = service.get_tracer("web", "1.0", schema_url="https://x.test/1.1")
-    db = service.get_tracer("db", attributes={"scope.kind": "driver", "scope.level": 3})
-    unnamed = other.get_tracer("")
-    remote = trace.get_current_span(propagate.extract({"traceparent": TRACEPARENT}))
-    state = trace.TraceState([("vendor", "value"), ("other", "1")])
-    with_state = trace.NonRecordingSpan(
-        trace.SpanContext(
-            0x1234, 0x5678, is_remote=True, trace_flags=trace.TraceFlags(1), trace_state=state
-        )
-    )
-
-    with web.start_as_current_span("POST /campaigns", kind=SpanKind.SERVER) as root:
-        root.set_attributes(VALUES)
-        root.set_attribute("one.too.many", "dropped")
-        for n in range(5):  # two more than the limit
-            root.add_event(f"event {n}", {"n": n} if n % 2 else None)
-        root.add_event("timed", timestamp=1_700_000_000_000_000_123)
-        db.start_span("INSERT campaigns", kind=SpanKind.CLIENT).end()
-        with web.start_as_current_span("", kind=SpanKind.PRODUCER) as unnamed_span:
-            unnamed_span.set_status(Status(StatusCode.OK))
-        db.start_span("SELECT", attributes={"db.system": "postgresql"}).end()
-    unnamed.start_span(
-        "campaigns.campaign.created process",
-        context=trace.set_span_in_context(remote),
-        kind=SpanKind.CONSUMER,
-        links=[
-            Link(remote.get_span_context(), {"link.kind": "follows"}),
-            Link(with_state.get_span_context()),
-            Link(root.get_span_context()),  # over the limit of two
-        ],
-    ).end()
-    failed = web.start_span("failed", context=trace.set_span_in_context(with_state))
-    failed.set_status(Status(StatusCode.ERROR, "campaign failed: ünknown"))
-    failed.end()
-    errored = web.start_span("errored", kind=SpanKind.INTERNAL)
-    errored.set_status(Status(StatusCode.ERROR))
-    errored.end()
-    yield list(exporter.get_finished_spans())
-    service.shutdown()
-    other.shutdown()
+    with every_kind_of_span() as made:
+        yield made
 
 
 class TestEncoding:
@@ -137,6 +55,7 @@ class TestEncoding:
             ("campaign_service", "db", ["INSERT campaigns", "SELECT"]),
             ("campaign_service", "web", ["", "POST /campaigns", "failed", "errored"]),
             ("worker", "", ["campaigns.campaign.created process"]),
+            ("worker", "worker.processing", ["INSERT campaign_job_logs"]),
         ]
 
     def test_what_was_dropped_is_counted(self, spans: list[ReadableSpan]) -> None:
@@ -160,7 +79,7 @@ class TestEncoding:
 
     def test_a_value_that_cannot_be_written_is_left_out_as_the_sdk_leaves_it_out(self) -> None:
         exporter = InMemorySpanExporter()
-        provider = _provider(Resource({"service.name": "x", "too.big": 2**64}), exporter)
+        provider = provider_for(Resource({"service.name": "x", "too.big": 2**64}), exporter)
         provider.get_tracer("t").start_span(
             "odd values", attributes={"too.big": 2**64, "surrogate": "a\udcff", "kept": 1}
         ).end()
@@ -178,7 +97,7 @@ class TestEncoding:
         """The same pairs in every context (span, event, resource), and more one-off values than
         the cache of encoded text attributes holds, so it is emptied on the way."""
         exporter = InMemorySpanExporter()
-        provider = _provider(Resource({"service.name": "worker", "db.system": "x"}), exporter)
+        provider = provider_for(Resource({"service.name": "worker", "db.system": "x"}), exporter)
         tracer = provider.get_tracer("t", attributes={"db.system": "x"})
         for n in range(3_000):
             same = {"db.system": "x", "campaign.outcome": "success"}

@@ -57,6 +57,7 @@ class OtlpReceiver:
     def __init__(self) -> None:
         self.endpoint = ""
         self.spans: list[ReceivedSpan] = []
+        self.requests: list[ExportTraceServiceRequest] = []  # as they came, decoded
         self.app = Starlette(routes=[Route("/v1/traces", self._traces, methods=["POST"])])
 
     @asynccontextmanager
@@ -71,6 +72,7 @@ class OtlpReceiver:
             body = gzip.decompress(body)
         export = ExportTraceServiceRequest()
         export.ParseFromString(body)
+        self.requests.append(export)
         for resource_spans in export.resource_spans:
             resource = {a.key: _value(a.value) for a in resource_spans.resource.attributes}
             for scope_spans in resource_spans.scope_spans:

@@ -1,0 +1,570 @@
+"""Spans exported by a process of their own, beside the service's.
+
+Exporting a span costs its encoding (OTLP protobuf) and its share of an HTTP request, Python work
+that holds the GIL wherever it runs: in the SDK's batch processor, a thread of the service, every
+span's encoding is time the event loop waits. On the worker (two spans a delivery) that thread
+took a third of what tracing cost; measured in the benchmark suite's drain run, the worker
+drained about a fifth more events a second with the export moved out of its process.
+
+So a service's spans leave it as plain values: :class:`ExportProcessSpanProcessor` turns each
+span, when it ends, into a tuple of its fields and queues it; a thread of its own sends the
+queued spans in batches (``marshal``, one C call a batch) down a pipe to a child process,
+``python -m shared.span_export``, which rebuilds them as the SDK's ``ReadableSpan`` and exports
+them with :class:`shared.otlp.DirectOTLPSpanExporter`. The child inherits the environment, so
+``OTEL_EXPORTER_OTLP_*`` configure its exporter as they would the service's.
+
+As the SDK's batch processor, and by its variables: at most ``OTEL_BSP_MAX_QUEUE_SIZE`` spans
+wait (16,384 here; more are dropped, and a warning every ten seconds says how many), a batch is
+sent when ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE`` spans wait or ``OTEL_BSP_SCHEDULE_DELAY``
+milliseconds have passed, and ``force_flush``/``shutdown`` return once the child has exported
+what was queued before them (the provider's shutdown runs at exit).
+
+The child exits when its input closes, after exporting what it has: it ignores SIGINT and
+SIGTERM, which a terminal or a service manager may send to the whole process group, so the
+service's own shutdown decides when the last spans go. A child that dies (killed, out of
+memory) is started again for the next batch, at most once every few seconds; the spans meant
+for it are dropped and counted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import marshal
+import os
+import select
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+from opentelemetry.context import Context
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace.span import TraceState
+
+logger = logging.getLogger(__name__)
+
+_FRAME = struct.Struct("<I")  # each message: its length, then marshal.dumps((kind, body))
+_SPANS, _ORIGIN, _FLUSH = 0, 1, 2  # message kinds; a batch's records are spans or origins
+_QUEUE_SIZE = 16_384  # a few of the worker's batches (two spans a delivery), while a batch goes
+_RESTART_SECONDS = 5.0
+_DROPPED_LOG_SECONDS = 10.0
+_STOP_SECONDS = 30.0  # the SDK's export timeout: what the child may take to send its last spans
+_ROOT = str(Path(__file__).resolve().parent.parent)  # where the child imports ``shared`` from
+
+# A span as it crosses the pipe: plain values marshal writes (attribute values are of the types
+# OpenTelemetry allows: text, bool, int, float, bytes, and sequences and mappings of those).
+Record = tuple[Any, ...]
+
+
+def _environment_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    try:
+        number = int(value)
+    except ValueError:
+        if value:
+            logger.warning("%s is not a whole number; using %d", name, default)
+        return default
+    return number if number > 0 else default
+
+
+class ExportProcessSpanProcessor(SpanProcessor):
+    """Queues each ended span, as plain values, for the export process (started with the
+    processor, and again after it dies)."""
+
+    def __init__(self, service_name: str) -> None:
+        self._service_name = service_name
+        self._max_queue = _environment_int("OTEL_BSP_MAX_QUEUE_SIZE", _QUEUE_SIZE)
+        self._batch = min(_environment_int("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512), self._max_queue)
+        self._delay = _environment_int("OTEL_BSP_SCHEDULE_DELAY", 5000) / 1000
+        self._queue: deque[Record] = deque()
+        # Resource and scope pairs, sent once each and named by number after (hashing a
+        # resource dumps it to JSON: spans are matched to theirs by identity).
+        self._origins: dict[tuple[int, int], tuple[int, Resource, InstrumentationScope | None]]
+        self._origins = {}
+        self._origin_ids = itertools.count()
+        self._wake = threading.Event()
+        self._send_lock = threading.RLock()  # one sender at a time: batches leave in order
+        self._flush_lock = threading.Lock()  # one reader of the acknowledgements
+        self._closed = False
+        self._dropped = 0
+        self._dropped_logged_at = 0.0
+        self._child: subprocess.Popen[bytes] | None = None
+        self._child_started_at = -_RESTART_SECONDS
+        self._flushes = 0
+        with self._send_lock:
+            self._running_child()  # started now, so that its imports overlap the service's
+        self._start()
+        reference = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: _after_fork(reference))
+
+    @property
+    def export_process_id(self) -> int | None:
+        """The export process's id, while one runs (for an operator's ``ps``, and tests)."""
+        child = self._child
+        return child.pid if child is not None and child.poll() is None else None
+
+    def _start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="SpanExportSender", daemon=True)
+        self._thread.start()
+
+    def _after_fork(self) -> None:
+        # A forked copy of the service: the queue, the pipe and the thread were its parent's
+        # (the pipe's end is closed here, so its child still sees the end of its input).
+        child, self._child = self._child, None
+        if child is not None and child.stdin is not None:
+            with contextlib.suppress(OSError, ValueError):
+                child.stdin.close()
+        self._queue = deque()
+        self._origins = {}
+        self._child_started_at = -_RESTART_SECONDS
+        self._send_lock = threading.RLock()
+        self._flush_lock = threading.Lock()
+        self._wake = threading.Event()
+        if not self._closed:
+            self._start()
+
+    # -- the service's side: called by the provider, on the service's own threads --------------
+
+    def on_start(self, span: Any, parent_context: Context | None = None) -> None:
+        pass
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if self._closed:
+            return
+        queue = self._queue
+        if len(queue) >= self._max_queue:
+            self._dropped += 1
+            return
+        queue.append(_record(span, self._origin(span)))
+        if len(queue) >= self._batch and not self._wake.is_set():
+            self._wake.set()
+
+    def _origin(self, span: ReadableSpan) -> int:
+        resource, scope = span.resource, span.instrumentation_scope
+        key = (id(resource), id(scope))
+        known = self._origins.get(key)
+        if known is None:
+            # The objects stay referenced here, so their ids are not reused.
+            known = self._origins[key] = (next(self._origin_ids), resource, scope)
+            self._queue.append((_ORIGIN, known[0], *_describe(resource, scope)))
+        return known[0]
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        """Send every queued span, then wait until the child has exported them."""
+        deadline = time.monotonic() + timeout_millis / 1000
+        with self._flush_lock:
+            self._flushes += 1
+            token = self._flushes
+            if not self._send_queued(flush=token):
+                return False
+            child = self._child
+            if child is None or child.stdout is None:
+                return False
+            return _await_token(child.stdout, token, deadline)
+
+    def shutdown(self) -> None:
+        """Send what is queued, close the child's input and wait for it to finish exporting."""
+        if self._closed:
+            return
+        self._closed = True
+        self._wake.set()
+        self._thread.join(_STOP_SECONDS)
+        # A sender still writing after that is writing to a process that does not read.
+        if self._send_lock.acquire(timeout=_STOP_SECONDS):
+            try:
+                self._send_queued()
+                child, self._child = self._child, None
+            finally:
+                self._send_lock.release()
+        else:
+            child, self._child = self._child, None
+            if child is not None:
+                logger.warning("span export process does not read its input; stopping it")
+                child.kill()
+        if child is None:
+            return
+        with contextlib.suppress(OSError):
+            if child.stdin is not None:
+                child.stdin.close()
+        try:
+            child.wait(_STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            logger.warning("span export process did not finish in time; stopping it")
+            child.kill()
+            child.wait()
+        if child.stdout is not None:
+            child.stdout.close()
+
+    # -- the sender thread ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._closed:
+            self._wake.wait(self._delay)
+            self._wake.clear()
+            try:
+                self._send_queued()
+                self._report_dropped()
+            except Exception:  # a bug: the thread must live on, or every later span is lost
+                logger.exception("could not send spans to the export process")
+
+    def _send_queued(self, *, flush: int | None = None) -> bool:
+        """Send the queue's spans, a batch at a time, and then ``flush``'s token if given;
+        whether everything reached a live child."""
+        sent = True
+        queue = self._queue
+        with self._send_lock:  # taken from the queue and sent as one, so batches keep order
+            while queue:
+                records: list[Record] = []
+                for _ in range(min(self._batch, len(queue))):
+                    records.append(queue.popleft())
+                if not self._send(_SPANS, records):
+                    self._dropped += sum(1 for record in records if record[0] == _SPANS)
+                    sent = False
+            if flush is not None:
+                sent = self._send(_FLUSH, flush) and sent
+        return sent
+
+    def _send(self, kind: int, body: Any) -> bool:
+        """Whether the message reached a live child (called with the send lock held)."""
+        message = marshal.dumps((kind, body))
+        child = self._running_child()
+        if child is None or child.stdin is None:
+            return False
+        try:
+            child.stdin.write(_FRAME.pack(len(message)) + message)
+            child.stdin.flush()
+        except (OSError, ValueError):  # the child is gone (a broken pipe)
+            self._forget(child)
+            return False
+        return True
+
+    def _running_child(self) -> subprocess.Popen[bytes] | None:
+        child = self._child
+        if child is not None and child.poll() is None:
+            return child
+        if child is not None:
+            logger.warning(
+                "span export process exited; starting another",
+                extra={"exit_code": child.returncode},
+            )
+            self._forget(child)
+        if time.monotonic() - self._child_started_at < _RESTART_SECONDS:
+            return None
+        self._child_started_at = time.monotonic()
+        try:
+            child = self._child = _spawn(self._service_name)
+        except OSError as exc:
+            logger.error("could not start the span export process", extra={"error": repr(exc)})
+            return None
+        # What was sent so far went to the one that died: a new one hears every origin again.
+        origins = [
+            (_ORIGIN, origin, *_describe(resource, scope))
+            for origin, resource, scope in self._origins.values()
+        ]
+        if origins:
+            message = marshal.dumps((_SPANS, origins))
+            try:
+                assert child.stdin is not None
+                child.stdin.write(_FRAME.pack(len(message)) + message)
+            except (OSError, ValueError):
+                self._forget(child)
+                return None
+        return child
+
+    def _forget(self, child: subprocess.Popen[bytes]) -> None:
+        if self._child is child:
+            self._child = None
+        for stream in (child.stdin, child.stdout):
+            if stream is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    stream.close()
+        with contextlib.suppress(OSError):
+            child.kill()
+        child.wait()
+
+    def _report_dropped(self) -> None:
+        if not self._dropped:
+            return
+        now = time.monotonic()
+        if now - self._dropped_logged_at < _DROPPED_LOG_SECONDS:
+            return
+        dropped, self._dropped = self._dropped, 0
+        self._dropped_logged_at = now
+        logger.warning(
+            "spans dropped: the export queue was full or its process gone",
+            extra={"spans": dropped},
+        )
+
+
+def _after_fork(reference: weakref.ref[ExportProcessSpanProcessor]) -> None:
+    processor = reference()
+    if processor is not None:
+        processor._after_fork()
+
+
+def _spawn(service_name: str) -> subprocess.Popen[bytes]:
+    environment = dict(os.environ)
+    path = environment.get("PYTHONPATH")
+    environment["PYTHONPATH"] = _ROOT + (os.pathsep + path if path else "")
+    return subprocess.Popen(  # noqa: S603  (this interpreter, this module: nothing from input)
+        [sys.executable, "-m", "shared.span_export", service_name],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=environment,
+        start_new_session=True,  # no terminal signal reaches it: its input closing ends it
+    )
+
+
+def _await_token(stdout: IO[bytes], token: int, deadline: float) -> bool:
+    """Read the child's acknowledgements until ``token``'s, or the deadline."""
+    expected = b"%d\n" % token
+    line = b""
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        ready, _, _ = select.select([stdout], [], [], remaining)
+        if not ready:
+            return False
+        chunk = os.read(stdout.fileno(), 64)
+        if not chunk:  # the child is gone
+            return False
+        line += chunk
+        *complete, line = line.split(b"\n")
+        if any(done + b"\n" == expected for done in complete):
+            return True
+
+
+def _describe(resource: Resource, scope: InstrumentationScope | None) -> tuple[Any, ...]:
+    if scope is None:
+        return dict(resource.attributes), resource.schema_url, None
+    return (
+        dict(resource.attributes),
+        resource.schema_url,
+        (scope.name, scope.version, scope.schema_url, dict(scope.attributes or {})),
+    )
+
+
+def _record(span: ReadableSpan, origin: int) -> Record:
+    context = span.get_span_context()
+    assert context is not None, "an ended span has a context"
+    parent = span.parent
+    status = span.status
+    attributes = span._attributes  # the span's own mapping: .attributes wraps it in a proxy
+    if type(attributes) is not dict:
+        attributes = dict(attributes or {})
+    return (
+        _SPANS,
+        origin,
+        span.name,
+        context.trace_id,
+        context.span_id,
+        int(context.trace_flags),
+        list(context.trace_state.items()) if context.trace_state else None,
+        None if parent is None else (parent.span_id, parent.is_remote),
+        span.kind.value,
+        span.start_time,
+        span.end_time,
+        attributes,
+        span.dropped_attributes,
+        [_event(event) for event in span.events] if span._events else None,
+        span.dropped_events,
+        [_link(link) for link in span.links] if span._links else None,
+        span.dropped_links,
+        status.status_code.value,
+        status.description,
+    )
+
+
+def _event(event: Event) -> tuple[Any, ...]:
+    attributes = dict(event.attributes) if event.attributes else None
+    return event.name, attributes, event.timestamp, event.dropped_attributes
+
+
+def _link(link: Link) -> tuple[Any, ...]:
+    context = link.context
+    attributes = dict(link.attributes) if link.attributes else None
+    return (
+        context.trace_id,
+        context.span_id,
+        int(context.trace_flags),
+        context.is_remote,
+        attributes,
+        link.dropped_attributes,
+    )
+
+
+# -- the export process ---------------------------------------------------------------------------
+
+
+class _Span(ReadableSpan):
+    """A span rebuilt from its record, with the counts of what its limits dropped."""
+
+    def __init__(self, dropped: tuple[int, int, int], **fields: Any) -> None:
+        super().__init__(**fields)
+        self._dropped = dropped
+
+    @property
+    def dropped_attributes(self) -> int:
+        return self._dropped[0]
+
+    @property
+    def dropped_events(self) -> int:
+        return self._dropped[1]
+
+    @property
+    def dropped_links(self) -> int:
+        return self._dropped[2]
+
+
+class _Event(Event):
+    def __init__(self, name: str, attributes: Any, timestamp: int, dropped: int) -> None:
+        super().__init__(name, attributes, timestamp)
+        self._dropped = dropped
+
+    @property
+    def dropped_attributes(self) -> int:
+        return self._dropped
+
+
+class _Link(Link):
+    def __init__(self, context: SpanContext, attributes: Any, dropped: int) -> None:
+        super().__init__(context, attributes)
+        self._dropped = dropped
+
+    @property
+    def dropped_attributes(self) -> int:
+        return self._dropped
+
+
+_KINDS = {kind.value: kind for kind in SpanKind}
+_STATUS = {code.value: code for code in StatusCode}
+
+
+Origins = dict[int, tuple[Resource, InstrumentationScope | None]]
+
+
+def rebuild(records: Iterable[Record], origins: Origins) -> list[ReadableSpan]:
+    """The spans of a batch's records. A record that names a resource and scope (sent before
+    the first span of theirs) goes into ``origins``, where the spans after it find them."""
+    spans: list[ReadableSpan] = []
+    for record in records:
+        if record[0] == _ORIGIN:
+            origins[record[1]] = _origin(record[2:])
+            continue
+        (
+            _,
+            origin,
+            name,
+            trace_id,
+            span_id,
+            flags,
+            trace_state,
+            parent,
+            kind,
+            start_time,
+            end_time,
+            attributes,
+            dropped_attributes,
+            events,
+            dropped_events,
+            links,
+            dropped_links,
+            status_code,
+            status_description,
+        ) = record
+        resource, scope = origins[origin]
+        state = TraceState(trace_state) if trace_state else None
+        context = SpanContext(trace_id, span_id, False, TraceFlags(flags), state)
+        parent_context = None
+        if parent is not None:
+            parent_context = SpanContext(trace_id, parent[0], parent[1], TraceFlags(flags))
+        code = _STATUS[status_code]
+        spans.append(
+            _Span(
+                (dropped_attributes, dropped_events, dropped_links),
+                name=name,
+                context=context,
+                parent=parent_context,
+                resource=resource,
+                attributes=attributes,
+                events=[_Event(*event) for event in events or ()],
+                links=[
+                    _Link(SpanContext(t, s, r, TraceFlags(f)), a, d)
+                    for t, s, f, r, a, d in links or ()
+                ],
+                kind=_KINDS[kind],
+                status=Status(code, status_description),
+                start_time=start_time,
+                end_time=end_time,
+                instrumentation_scope=scope,
+            )
+        )
+    return spans
+
+
+def _origin(description: Sequence[Any]) -> tuple[Resource, InstrumentationScope | None]:
+    attributes, schema_url, scope = description
+    resource = Resource(attributes, schema_url)
+    if scope is None:
+        return resource, None
+    name, version, scope_schema_url, scope_attributes = scope
+    return resource, InstrumentationScope(name, version, scope_schema_url, scope_attributes)
+
+
+def _messages(stream: IO[bytes]) -> Iterable[tuple[int, Any]]:
+    while header := stream.read(_FRAME.size):
+        if len(header) < _FRAME.size:
+            return
+        (size,) = _FRAME.unpack(header)
+        body = stream.read(size)
+        if len(body) < size:
+            return
+        yield marshal.loads(body)  # noqa: S302  (from the parent process, over its own pipe)
+
+
+def main() -> None:
+    """The export process: spans from stdin, exported; each flush token acknowledged on
+    stdout once everything before it has been exported."""
+    from shared.logs import JsonFormatter
+    from shared.otlp import DirectOTLPSpanExporter
+
+    service = sys.argv[1] if len(sys.argv) > 1 else "unknown"
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter(f"{service} span export"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+
+    exporter = DirectOTLPSpanExporter()
+    origins: Origins = {}
+    try:
+        for kind, body in _messages(sys.stdin.buffer):
+            if kind == _FLUSH:
+                sys.stdout.buffer.write(b"%d\n" % body)
+                sys.stdout.buffer.flush()
+                continue
+            try:
+                spans = rebuild(body, origins)
+                if spans:
+                    exporter.export(spans)
+            except Exception:  # a batch this process cannot read: the next may be fine
+                logger.exception("could not export a batch of spans")
+    finally:
+        exporter.shutdown()
+
+
+if __name__ == "__main__":
+    main()

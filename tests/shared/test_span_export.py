@@ -1,0 +1,204 @@
+"""Spans exported by a process of their own (shared/span_export.py): what reaches an OTLP
+receiver is what the SDK would have sent, nothing queued is lost at a flush or a shutdown, a
+burst of the worker's batches fits the queue, and a dead export process is replaced."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans as sdk_encode
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.trace import SpanKind
+
+from shared import span_export, spans
+from shared.span_export import ExportProcessSpanProcessor
+from tests.support.otlp import OtlpReceiver
+from tests.support.polling import eventually
+from tests.support.span_samples import every_kind_of_span
+
+
+@pytest.fixture
+def sample() -> Iterator[list[ReadableSpan]]:
+    with every_kind_of_span() as made:
+        yield made
+
+
+@pytest.fixture
+async def receiver(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[OtlpReceiver]:
+    receiver = OtlpReceiver()
+    async with receiver.running():
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", f"{receiver.endpoint}/v1/traces")
+        yield receiver
+
+
+@pytest.fixture
+async def processor(receiver: OtlpReceiver) -> AsyncIterator[ExportProcessSpanProcessor]:
+    processor = ExportProcessSpanProcessor("test")
+    yield processor
+    await asyncio.to_thread(processor.shutdown)
+
+
+def _worker_spans(provider: TracerProvider, deliveries: int) -> None:
+    """Two spans a delivery, as the worker makes them."""
+    tracer = spans.tracer("worker.processing", provider)
+    for n in range(deliveries):
+        process = tracer.start_span(
+            "campaigns.campaign.created process",
+            kind=SpanKind.CONSUMER,
+            attributes={"messaging.system": "rabbitmq", "campaign.id": f"c-{n}"},
+        )
+        insert = tracer.start_span(
+            "INSERT campaign_job_logs",
+            context=trace.set_span_in_context(process),
+            kind=SpanKind.CLIENT,
+            attributes={"db.system": "postgresql", "campaign.recorded": "written"},
+        )
+        insert.end()
+        process.end()
+
+
+def _provider(processor: ExportProcessSpanProcessor) -> TracerProvider:
+    provider = TracerProvider(resource=Resource({"service.name": "worker"}))
+    provider.add_span_processor(processor)
+    return provider
+
+
+def _received_names(receiver: OtlpReceiver) -> list[str]:
+    return [span.name for span in receiver.spans]
+
+
+class TestExportProcess:
+    async def test_what_arrives_is_what_the_sdk_would_have_sent(
+        self,
+        processor: ExportProcessSpanProcessor,
+        receiver: OtlpReceiver,
+        sample: list[ReadableSpan],
+    ) -> None:
+        for span in sample:
+            processor.on_end(span)
+
+        flushed = await asyncio.to_thread(processor.force_flush)
+
+        assert flushed
+        assert receiver.requests == [sdk_encode(sample)]
+
+    async def test_a_burst_of_the_workers_batches_loses_no_span(
+        self, processor: ExportProcessSpanProcessor, receiver: OtlpReceiver
+    ) -> None:
+        # Five batches of 500 deliveries, two spans each, ended faster than any export (the
+        # SDK's own queue of 2,048 would drop more than half of them).
+        _worker_spans(_provider(processor), 5 * 500)
+
+        assert await asyncio.to_thread(processor.force_flush)
+
+        assert len(receiver.spans) == 5000
+        processes = [span for span in receiver.spans if span.kind == "CONSUMER"]
+        assert len({span.attributes["campaign.id"] for span in processes}) == 2500
+
+    async def test_shutdown_exports_what_was_queued_and_ends_the_process(
+        self, receiver: OtlpReceiver, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "60000")  # nothing sent before shutdown
+        processor = ExportProcessSpanProcessor("test")
+        pid = processor.export_process_id
+        assert pid is not None
+        _worker_spans(_provider(processor), 10)
+
+        await asyncio.to_thread(processor.shutdown)
+
+        assert len(receiver.spans) == 20
+        assert processor.export_process_id is None
+        with pytest.raises(ProcessLookupError):  # exited, and reaped
+            os.kill(pid, 0)
+
+    async def test_a_dead_export_process_is_replaced(
+        self,
+        processor: ExportProcessSpanProcessor,
+        receiver: OtlpReceiver,
+        monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        monkeypatch.setattr(span_export, "_RESTART_SECONDS", 0.0)
+        provider = _provider(processor)
+        _worker_spans(provider, 1)
+        assert await asyncio.to_thread(processor.force_flush)
+        first = processor.export_process_id
+        assert first is not None
+
+        os.kill(first, signal.SIGKILL)
+
+        async def running() -> int | None:
+            return processor.export_process_id
+
+        await eventually(running, until=lambda pid: pid is None, what="the process gone")
+        _worker_spans(provider, 3)
+        flushed = await asyncio.to_thread(processor.force_flush)
+
+        assert flushed
+        assert len(receiver.spans) == 2 + 6  # the new process sent every span ended after
+        assert processor.export_process_id not in (None, first)
+        assert "span export process exited; starting another" in caplog.messages
+
+    async def test_terminal_signals_do_not_stop_the_export_process(
+        self, processor: ExportProcessSpanProcessor, receiver: OtlpReceiver
+    ) -> None:
+        provider = _provider(processor)
+        _worker_spans(provider, 1)
+        assert await asyncio.to_thread(processor.force_flush)  # running, its handlers set
+        pid = processor.export_process_id
+        assert pid is not None
+
+        # What Ctrl-C or a service manager sends the whole group: the service decides when
+        # its spans stop, by closing the process's input.
+        os.kill(pid, signal.SIGINT)
+        os.kill(pid, signal.SIGTERM)
+        _worker_spans(provider, 1)
+
+        assert await asyncio.to_thread(processor.force_flush)
+        assert len(receiver.spans) == 4
+        assert processor.export_process_id == pid
+
+    async def test_a_full_queue_drops_spans_and_says_how_many(
+        self,
+        receiver: OtlpReceiver,
+        monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "10")
+        processor = ExportProcessSpanProcessor("test")
+        try:
+            provider = _provider(processor)
+            # The sender held up (as by a collector that does not answer): the queue fills.
+            with processor._send_lock:
+                _worker_spans(provider, 50)
+            caplog.set_level(logging.WARNING, logger="shared.span_export")
+
+            assert await asyncio.to_thread(processor.force_flush)
+            # 10 places, one of them taken by the resource and scope the spans name.
+            assert len(receiver.spans) == 9
+
+            async def dropped() -> list[object]:
+                return [
+                    getattr(record, "spans", None)
+                    for record in caplog.records
+                    if record.message.startswith("spans dropped")
+                ]
+
+            assert await eventually(dropped, what="the warning") == [91]
+        finally:
+            await asyncio.to_thread(processor.shutdown)
+
+    def test_a_bad_setting_falls_back_to_the_default(
+        self, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "lots")
+
+        assert span_export._environment_int("OTEL_BSP_MAX_QUEUE_SIZE", 16_384) == 16_384
+        assert "OTEL_BSP_MAX_QUEUE_SIZE is not a whole number; using 16384" in caplog.messages
