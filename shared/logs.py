@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -34,14 +32,20 @@ _context: ContextVar[dict[str, Any]] = ContextVar("log_context", default={})  # 
 _encode = json.JSONEncoder(default=str, ensure_ascii=False).encode
 
 
-@contextmanager
-def log_context(**fields: Any) -> Iterator[None]:
-    """Add ``fields`` to every line logged inside the block (this task and those it starts)."""
-    token = _context.set({**_context.get(), **fields})
-    try:
-        yield
-    finally:
-        _context.reset(token)
+class log_context:  # noqa: N801  (a context manager, used as one: ``with log_context(...)``)
+    """Add ``fields`` to every line logged inside the block (this task and those it starts).
+    A class rather than a generator: the worker enters one for every delivery."""
+
+    __slots__ = ("_fields", "_token")
+
+    def __init__(self, **fields: Any) -> None:
+        self._fields = fields
+
+    def __enter__(self) -> None:
+        self._token = _context.set({**_context.get(), **self._fields})
+
+    def __exit__(self, *exc_info: object) -> None:
+        _context.reset(self._token)
 
 
 class JsonFormatter(logging.Formatter):

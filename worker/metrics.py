@@ -27,8 +27,8 @@ class WorkerMetrics:
             ["outcome"],
             registry=registry,
         )
-        for outcome in Outcome:
-            self.messages.labels(outcome.value)
+        # Each outcome's counter, looked up once (``labels()`` takes a lock and builds a key).
+        self.outcomes = {outcome: self.messages.labels(outcome.value) for outcome in Outcome}
         self.processing_duration = Histogram(
             "worker_message_processing_duration_seconds",
             "Time from taking a delivery to settling it.",

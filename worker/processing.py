@@ -33,8 +33,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,7 +41,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from aio_pika.exceptions import ChannelInvalidStateError
 from faststream.opentelemetry.consts import MESSAGING_DESTINATION_PUBLISH_NAME
 from faststream.rabbit import RabbitBroker
-from opentelemetry import trace
+from opentelemetry import context, trace
 from opentelemetry.context import Context
 from opentelemetry.semconv.trace import SpanAttributes
 from pydantic import ValidationError
@@ -124,6 +123,8 @@ class _Delivery:
     error: tuple[str, str] | None = None  # the failure's type and message, to send on
     settled: bool = False
     lines: list[tuple[int, str, dict[str, Any]]] = field(default_factory=list)
+    # The event's ids, on every line logged about the delivery (none before it is parsed).
+    about: dict[str, Any] = field(default_factory=dict)
 
     @property
     def trace_id(self) -> str | None:
@@ -133,18 +134,6 @@ class _Delivery:
     def log(self, level: int, message: str, **extra: Any) -> None:
         """A line to log for this delivery once the batch is settled, with its trace and ids."""
         self.lines.append((level, message, extra))
-
-    def ids(self) -> dict[str, Any]:
-        """The event's ids, on every line logged about the delivery (none before it is parsed)."""
-        event = self.event
-        if event is None:
-            return {}
-        return {
-            "tenant_id": event.tenant_id,
-            "campaign_id": str(event.campaign_id),
-            "event_id": str(event.event_id),
-            "attempt": self.attempt,
-        }
 
 
 def _event(delivery: _Delivery) -> CampaignCreated:
@@ -193,7 +182,7 @@ class CampaignProcessor:
         reason = "unexpected error" if failed else "worker stopping"
         for message in messages:
             await _give_back(message, reason, failed=failed)
-        self._metrics.messages.labels(Outcome.REQUEUED.value).inc(len(messages))
+        self._metrics.outcomes[Outcome.REQUEUED].inc(len(messages))
 
     async def _settle(self, batch: list[_Delivery]) -> None:
         try:
@@ -270,10 +259,17 @@ class CampaignProcessor:
             )
             return False
         delivery.event = event
+        campaign_id, event_id = str(event.campaign_id), str(event.event_id)
+        delivery.about = {
+            "tenant_id": event.tenant_id,
+            "campaign_id": campaign_id,
+            "event_id": event_id,
+            "attempt": delivery.attempt,
+        }
         delivery.span.set_attributes(
             {
-                "campaign.id": str(event.campaign_id),
-                "campaign.event_id": str(event.event_id),
+                "campaign.id": campaign_id,
+                "campaign.event_id": event_id,
                 "campaign.attempt": delivery.attempt,
                 "tenant.id": event.tenant_id,
             }
@@ -349,6 +345,10 @@ class CampaignProcessor:
         failed = []
         for (delivery, _), result in zip(copies, results, strict=True):
             if isinstance(result, BaseException):
+                delivery.span.record_exception(result)
+                delivery.span.set_status(
+                    trace.Status(trace.StatusCode.ERROR, f"{type(result).__name__}: {result}")
+                )
                 logger.error(
                     "could not republish; requeueing",
                     extra={"message_id": delivery.message.message_id, "error": repr(result)},
@@ -418,11 +418,11 @@ class CampaignProcessor:
         """Log what happened to the delivery, count it, and end its span."""
         if delivery.lines:
             # What _scope would add to each line, given once: entering it costs more than a line.
-            about = trace_fields(delivery.span.get_span_context()) | delivery.ids()
+            about = trace_fields(delivery.span.get_span_context()) | delivery.about
             for level, message, extra in delivery.lines:
                 logger.log(level, message, extra=about | extra)
         if delivery.outcome is not None:
-            self._metrics.messages.labels(delivery.outcome.value).inc()
+            self._metrics.outcomes[delivery.outcome].inc()
             self._metrics.processing_duration.observe(elapsed)
             delivery.span.set_attribute("campaign.outcome", delivery.outcome.value)
         delivery.span.end()
@@ -440,11 +440,25 @@ def _refused(delivery: _Delivery) -> None:
     delivery.log(logging.ERROR, "the database refuses this event's values; dead-lettering")
 
 
-@contextmanager
-def _scope(delivery: _Delivery) -> Iterator[None]:
-    """The delivery's span as the current one, and its ids on every line logged."""
-    with trace.use_span(delivery.span, end_on_exit=False), log_context(**delivery.ids()):
-        yield
+class _scope:  # noqa: N801  (used as a function is: ``with _scope(delivery):``)
+    """The delivery's span as the current one, and its ids on every line logged: what
+    ``trace.use_span`` and ``log_context`` do, in one object instead of two generators (it is
+    entered for every delivery). An exception leaving it is not recorded on the span: the
+    callers catch what they expect and record it themselves."""
+
+    __slots__ = ("_delivery", "_log_context", "_token")
+
+    def __init__(self, delivery: _Delivery) -> None:
+        self._delivery = delivery
+        self._log_context = log_context(**delivery.about)
+
+    def __enter__(self) -> None:
+        self._token = context.attach(trace.set_span_in_context(self._delivery.span))
+        self._log_context.__enter__()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._log_context.__exit__(*exc_info)
+        context.detach(self._token)
 
 
 async def _reject(delivery: _Delivery) -> None:

@@ -13,7 +13,11 @@ import asyncpg
 import httpx
 import pytest
 from fastapi import FastAPI
+from faststream.rabbit import RabbitQueue
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.trace import SpanKind, StatusCode
 
+from shared import spans as shared_spans
 from shared.events import CampaignCreated
 from shared.messaging import ATTEMPT_HEADER, ERROR_MESSAGE_HEADER, ERROR_TYPE_HEADER
 from tests.pipeline.conftest import TEST_MAX_ATTEMPTS, TEST_RETRY_DELAYS
@@ -21,6 +25,8 @@ from tests.support.campaigns import create_campaign, jobs_of, steps, wait_for_jo
 from tests.support.metrics import outcomes, value
 from tests.support.polling import eventually
 from tests.support.rabbit import RabbitAdmin, publish_raw
+from tests.support.spans import Spans
+from worker import processing as worker_processing
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -368,3 +374,40 @@ class TestDuplicates:
         assert seen["success"] == 2  # the first delivery, and one of the ten copies
         assert seen["duplicate"] == 9
         assert await rabbit_admin.peek(vhost, "campaign.deadletter") == []
+
+
+class TestRefusedCopies:
+    async def test_a_retry_the_broker_refuses_is_an_error_on_the_deliverys_span(
+        self,
+        campaign_client: httpx.AsyncClient,
+        headers: dict[str, str],
+        spans: Spans,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        # Every retry copy goes to a queue that does not exist: the mandatory publish comes back.
+        monkeypatch.setattr(worker_processing, "retry_queue", lambda _: RabbitQueue("nowhere"))
+        monkeypatch.setattr(
+            worker_processing, "tracer", shared_spans.tracer("worker.processing", spans.provider)
+        )
+
+        campaign = await create_campaign(campaign_client, headers, "Refused [fail:1]")
+
+        def refused() -> list[ReadableSpan]:
+            return [
+                span
+                for span in spans.of_kind(SpanKind.CONSUMER)
+                if (span.attributes or {}).get("campaign.id") == campaign["id"]
+                and span.status.status_code is StatusCode.ERROR
+            ]
+
+        async def probe() -> list[ReadableSpan]:
+            return refused()
+
+        [span, *_] = await eventually(probe, what="a process span with the refusal")
+        assert span.status.description is not None
+        assert "NO_ROUTE" in span.status.description
+        [exception] = [event for event in span.events if event.name == "exception"]
+        assert exception.attributes is not None
+        assert "NO_ROUTE" in str(exception.attributes["exception.message"])
+        # The original went back to the queue, not acknowledged: it is redelivered.
+        assert (span.attributes or {}).get("campaign.outcome") == "requeued"
