@@ -190,8 +190,11 @@ async def truncate_logs(bench: Bench) -> None:
 
 
 class Process:
-    def __init__(self, name: str, args: list[str], env: dict[str, str], logs: Path) -> None:
+    def __init__(
+        self, name: str, args: list[str], env: dict[str, str], logs: Path, *, cwd: Path = ROOT
+    ) -> None:
         self.name = name
+        self.cwd = cwd  # the build it runs: another checkout's, to compare two
         self.args = args
         self.env = env
         self.log_path = logs / f"{name}.log"
@@ -200,7 +203,7 @@ class Process:
     async def start(self) -> None:
         with self.log_path.open("ab") as log:
             self.process = await asyncio.create_subprocess_exec(
-                *self.args, cwd=ROOT, env=self.env, stdout=log, stderr=log
+                *self.args, cwd=self.cwd, env=self.env, stdout=log, stderr=log
             )
 
     @property
@@ -208,10 +211,14 @@ class Process:
         assert self.process is not None
         return self.process.pid
 
+    def pids(self) -> list[int]:
+        """The process and the processes it started (a service's span export process)."""
+        return [self.pid, *_descendants(self.pid)]
+
     def rss_mib(self) -> float | None:
         """Resident set size of the process and the processes it started (a service's span
         export process), or None once it has exited (the baselines stop at their count)."""
-        sizes = [_rss_mib(pid) for pid in [self.pid, *_descendants(self.pid)]]
+        sizes = [_rss_mib(pid) for pid in self.pids()]
         if sizes[0] is None:
             return None
         return sum(size or 0 for size in sizes)

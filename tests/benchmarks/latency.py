@@ -179,8 +179,9 @@ async def run(bench: Bench, rates: list[int], seconds: int) -> dict[str, Any]:
             # Where the machine's CPU went while the campaigns were created and processed.
             meter = CpuMeter(
                 {
-                    "campaign_service": lambda: [service.pid],
-                    "worker": lambda: [worker.pid],
+                    # Each with its span export process.
+                    "campaign_service": service.pids,
+                    "worker": worker.pids,
                     "postgresql": lambda: pids_named("postgres"),
                     "rabbitmq": lambda: pids_named("beam.smp"),
                     "load generator": lambda: [os.getpid()],
