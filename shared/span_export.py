@@ -42,7 +42,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -61,6 +61,7 @@ _QUEUE_SIZE = 16_384  # a few of the worker's batches (two spans a delivery), wh
 _RESTART_SECONDS = 5.0
 _DROPPED_LOG_SECONDS = 10.0
 _STOP_SECONDS = 30.0  # the SDK's export timeout: what the child may take to send its last spans
+_STUCK_SECONDS = 60.0  # a child that reads nothing for this long is stopped (and replaced)
 _ROOT = str(Path(__file__).resolve().parent.parent)  # where the child imports ``shared`` from
 
 # A span as it crosses the pipe: plain values marshal writes (attribute values are of the types
@@ -80,8 +81,8 @@ def _environment_int(name: str, default: int) -> int:
 
 
 class ExportProcessSpanProcessor(SpanProcessor):
-    """Queues each ended span, as plain values, for the export process (started with the
-    processor, and again after it dies)."""
+    """Queues each ended, sampled span, as plain values, for the export process (started with
+    the processor, and again after it dies)."""
 
     def __init__(self, service_name: str) -> None:
         self._service_name = service_name
@@ -95,7 +96,9 @@ class ExportProcessSpanProcessor(SpanProcessor):
         self._origins = {}
         self._origin_ids = itertools.count()
         self._wake = threading.Event()
-        self._send_lock = threading.RLock()  # one sender at a time: batches leave in order
+        # One sender at a time, and a batch taken from the queue and sent as one: batches leave
+        # in the order their spans ended, and a flush's token after every span before it.
+        self._send_lock = threading.RLock()
         self._flush_lock = threading.Lock()  # one reader of the acknowledgements
         self._closed = False
         self._dropped = 0
@@ -120,12 +123,16 @@ class ExportProcessSpanProcessor(SpanProcessor):
         self._thread.start()
 
     def _after_fork(self) -> None:
-        # A forked copy of the service: the queue, the pipe and the thread were its parent's
-        # (the pipe's end is closed here, so its child still sees the end of its input).
+        # A forked copy of the service: the queue, the pipes and the thread were its parent's.
+        # Its copies of the pipes' ends are closed (unbuffered, so closing writes nothing and
+        # waits on no lock a thread of the parent held), so the export process still sees the
+        # end of its input when the parent closes it.
         child, self._child = self._child, None
-        if child is not None and child.stdin is not None:
-            with contextlib.suppress(OSError, ValueError):
-                child.stdin.close()
+        if child is not None:
+            for stream in (child.stdin, child.stdout):
+                if stream is not None:
+                    with contextlib.suppress(OSError, ValueError):
+                        stream.close()
         self._queue = deque()
         self._origins = {}
         self._child_started_at = -_RESTART_SECONDS
@@ -143,6 +150,9 @@ class ExportProcessSpanProcessor(SpanProcessor):
     def on_end(self, span: ReadableSpan) -> None:
         if self._closed:
             return
+        context = span.get_span_context()
+        if context is None or not context.trace_flags.sampled:  # as the SDK's batch processor
+            return
         queue = self._queue
         if len(queue) >= self._max_queue:
             self._dropped += 1
@@ -156,9 +166,11 @@ class ExportProcessSpanProcessor(SpanProcessor):
         key = (id(resource), id(scope))
         known = self._origins.get(key)
         if known is None:
-            # The objects stay referenced here, so their ids are not reused.
-            known = self._origins[key] = (next(self._origin_ids), resource, scope)
-            self._queue.append((_ORIGIN, known[0], *_describe(resource, scope)))
+            # Queued before it is known, so no span that names it (on another thread) can
+            # reach the queue first; the objects stay referenced, so their ids are not reused.
+            origin = next(self._origin_ids)
+            self._queue.append((_ORIGIN, origin, *_describe(resource, scope)))
+            known = self._origins[key] = (origin, resource, scope)
         return known[0]
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
@@ -167,39 +179,50 @@ class ExportProcessSpanProcessor(SpanProcessor):
         with self._flush_lock:
             self._flushes += 1
             token = self._flushes
-            if not self._send_queued(flush=token):
+            if not self._send_queued(deadline):
                 return False
-            child = self._child
-            if child is None or child.stdout is None:
+            if not self._send_lock.acquire(timeout=_remaining(deadline)):
                 return False
-            return _await_token(child.stdout, token, deadline)
-
-    def shutdown(self) -> None:
-        """Send what is queued, close the child's input and wait for it to finish exporting."""
-        if self._closed:
-            return
-        self._closed = True
-        self._wake.set()
-        self._thread.join(_STOP_SECONDS)
-        # A sender still writing after that is writing to a process that does not read.
-        if self._send_lock.acquire(timeout=_STOP_SECONDS):
             try:
-                self._send_queued()
-                child, self._child = self._child, None
+                sent = self._send(_FLUSH, token, deadline)
+                child = self._child
+                if not sent or child is None:
+                    return False
+                assert child.stdout is not None
+                # Its own descriptor: the sender thread may close the child's meanwhile.
+                acknowledgements = os.dup(child.stdout.fileno())
             finally:
                 self._send_lock.release()
-        else:
+            try:
+                return _await_token(acknowledgements, token, deadline)
+            finally:
+                os.close(acknowledgements)
+
+    def shutdown(self) -> None:
+        """Send what is queued, close the child's input and wait for it to finish exporting:
+        all within 30 s (the SDK's export timeout), after which the child is stopped."""
+        if self._closed:
+            return
+        deadline = time.monotonic() + _STOP_SECONDS
+        self._closed = True
+        self._wake.set()
+        self._thread.join(_remaining(deadline))
+        self._send_queued(deadline)
+        if self._send_lock.acquire(timeout=_remaining(deadline)):
+            child, self._child = self._child, None
+            self._send_lock.release()
+        else:  # the sender is still writing to a process that does not read
             child, self._child = self._child, None
             if child is not None:
                 logger.warning("span export process does not read its input; stopping it")
                 child.kill()
         if child is None:
             return
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, ValueError):
             if child.stdin is not None:
                 child.stdin.close()
         try:
-            child.wait(_STOP_SECONDS)
+            child.wait(_remaining(deadline))
         except subprocess.TimeoutExpired:
             logger.warning("span export process did not finish in time; stopping it")
             child.kill()
@@ -219,33 +242,48 @@ class ExportProcessSpanProcessor(SpanProcessor):
             except Exception:  # a bug: the thread must live on, or every later span is lost
                 logger.exception("could not send spans to the export process")
 
-    def _send_queued(self, *, flush: int | None = None) -> bool:
-        """Send the queue's spans, a batch at a time, and then ``flush``'s token if given;
-        whether everything reached a live child."""
+    def _send_queued(self, deadline: float | None = None) -> bool:
+        """Send the queue's spans, a batch at a time; whether all reached a live child (by the
+        deadline, if one is given)."""
         sent = True
         queue = self._queue
-        with self._send_lock:  # taken from the queue and sent as one, so batches keep order
-            while queue:
+        while queue:
+            if not self._send_lock.acquire(timeout=_remaining(deadline)):
+                return False
+            try:
                 records: list[Record] = []
                 for _ in range(min(self._batch, len(queue))):
                     records.append(queue.popleft())
-                if not self._send(_SPANS, records):
+                if records and not self._send(_SPANS, records, deadline):
                     self._dropped += sum(1 for record in records if record[0] == _SPANS)
                     sent = False
-            if flush is not None:
-                sent = self._send(_FLUSH, flush) and sent
+            finally:
+                self._send_lock.release()
         return sent
 
-    def _send(self, kind: int, body: Any) -> bool:
+    def _send(self, kind: int, body: Any, deadline: float | None) -> bool:
         """Whether the message reached a live child (called with the send lock held)."""
-        message = marshal.dumps((kind, body))
-        child = self._running_child()
-        if child is None or child.stdin is None:
+        message = _encode(kind, body)
+        if message is None:
+            logger.error("a batch of spans could not be encoded; dropped")
+            self._origins.clear()  # the origins in it, if any, are announced again
             return False
+        child = self._running_child()
+        if child is None:
+            return False
+        return self._write(child, _FRAME.pack(len(message)) + message, deadline)
+
+    def _write(self, child: subprocess.Popen[bytes], data: bytes, deadline: float | None) -> bool:
+        """Write to the child, waiting for it to read up to the deadline (without one, up to
+        a minute: a child that reads nothing for that long is stopped, and replaced)."""
+        assert child.stdin is not None
         try:
-            child.stdin.write(_FRAME.pack(len(message)) + message)
-            child.stdin.flush()
-        except (OSError, ValueError):  # the child is gone (a broken pipe)
+            _write_all(child.stdin.fileno(), data, deadline or time.monotonic() + _STUCK_SECONDS)
+        except TimeoutError:
+            logger.warning("span export process does not read its input; stopping it")
+            self._forget(child)
+            return False
+        except (OSError, ValueError):  # the child is gone (a broken pipe, a closed file)
             self._forget(child)
             return False
         return True
@@ -273,14 +311,11 @@ class ExportProcessSpanProcessor(SpanProcessor):
             (_ORIGIN, origin, *_describe(resource, scope))
             for origin, resource, scope in self._origins.values()
         ]
-        if origins:
-            message = marshal.dumps((_SPANS, origins))
-            try:
-                assert child.stdin is not None
-                child.stdin.write(_FRAME.pack(len(message)) + message)
-            except (OSError, ValueError):
-                self._forget(child)
-                return None
+        message = _encode(_SPANS, origins) if origins else None
+        if message is not None and not self._write(
+            child, _FRAME.pack(len(message)) + message, None
+        ):
+            return None
         return child
 
     def _forget(self, child: subprocess.Popen[bytes]) -> None:
@@ -314,37 +349,102 @@ def _after_fork(reference: weakref.ref[ExportProcessSpanProcessor]) -> None:
         processor._after_fork()
 
 
+def _remaining(deadline: float | None) -> float:
+    """Seconds to the deadline, for a lock's or a process's timeout (-1: no deadline)."""
+    return -1 if deadline is None else max(0.0, deadline - time.monotonic())
+
+
 def _spawn(service_name: str) -> subprocess.Popen[bytes]:
     environment = dict(os.environ)
     path = environment.get("PYTHONPATH")
     environment["PYTHONPATH"] = _ROOT + (os.pathsep + path if path else "")
-    return subprocess.Popen(  # noqa: S603  (this interpreter, this module: nothing from input)
+    child = subprocess.Popen(  # noqa: S603  (this interpreter, this module: nothing from input)
         [sys.executable, "-m", "shared.span_export", service_name],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
+        bufsize=0,  # whole frames written by _write_all, nothing held in a buffer
         env=environment,
         start_new_session=True,  # no terminal signal reaches it: its input closing ends it
     )
+    assert child.stdin is not None
+    os.set_blocking(child.stdin.fileno(), False)  # so that a write can wait with a deadline
+    return child
 
 
-def _await_token(stdout: IO[bytes], token: int, deadline: float) -> bool:
+def _write_all(fd: int, data: bytes, deadline: float) -> None:
+    """Write every byte to a non-blocking descriptor; TimeoutError at the deadline."""
+    view = memoryview(data)
+    while view:
+        try:
+            written = os.write(fd, view)
+        except BlockingIOError:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError from None
+            select.select([], [fd], [], remaining)
+            continue
+        view = view[written:]
+
+
+def _await_token(fd: int, token: int, deadline: float) -> bool:
     """Read the child's acknowledgements until ``token``'s, or the deadline."""
-    expected = b"%d\n" % token
+    expected = b"%d" % token
     line = b""
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return False
-        ready, _, _ = select.select([stdout], [], [], remaining)
-        if not ready:
-            return False
-        chunk = os.read(stdout.fileno(), 64)
-        if not chunk:  # the child is gone
-            return False
-        line += chunk
-        *complete, line = line.split(b"\n")
-        if any(done + b"\n" == expected for done in complete):
-            return True
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            ready, _, _ = select.select([fd], [], [], remaining)
+            if not ready:
+                return False
+            chunk = os.read(fd, 64)
+            if not chunk:  # the child is gone
+                return False
+            line += chunk
+            *complete, line = line.split(b"\n")
+            if expected in complete:
+                return True
+    except OSError:
+        return False
+
+
+# Values marshal writes only of their exact types: a subclass (a StrEnum member, an IntEnum,
+# HTTPStatus) as an attribute value is written as its base type, as the OTLP encoder would.
+_PLAIN = (bool, str, int, float, bytes)
+_LEFT_OUT = object()
+
+
+def _plain(value: Any) -> Any:
+    if value is None or type(value) in _PLAIN:
+        return value
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, int):  # (bool cannot be subclassed)
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, bytes):
+        return bytes(value)
+    if isinstance(value, Mapping):
+        pairs = ((str(key), _plain(item)) for key, item in value.items())
+        return {key: item for key, item in pairs if item is not _LEFT_OUT}
+    if isinstance(value, Sequence):
+        return [item for item in map(_plain, value) if item is not _LEFT_OUT]
+    return _LEFT_OUT  # not a value OpenTelemetry allows: left out, as the OTLP encoder does
+
+
+def _encode(kind: int, body: Any) -> bytes | None:
+    """The message; a body with values of other types than marshal's is written with their
+    plain forms. None if even that cannot be written."""
+    try:
+        return marshal.dumps((kind, body))
+    except ValueError:
+        pass
+    try:
+        return marshal.dumps((kind, _plain(body)))
+    except ValueError:
+        return None
 
 
 def _describe(resource: Resource, scope: InstrumentationScope | None) -> tuple[Any, ...]:

@@ -409,6 +409,13 @@ def _w3c_only(textmap: TextMapPropagator) -> bool:
     )
 
 
+def _w3c_only_textmap() -> bool:
+    try:
+        return _w3c_only(propagate.get_global_textmap())
+    except TypeError:  # a propagator of a deployment's own that cannot be hashed
+        return False
+
+
 def context_from(carrier: dict[str, Any]) -> Context:
     """The trace context in a message's headers, as ``propagate.extract`` reads it. A plain
     ``traceparent`` (no ``tracestate``, no baggage) under the default propagators is read here
@@ -419,7 +426,7 @@ def context_from(carrier: dict[str, Any]) -> Context:
         type(value) is str
         and "tracestate" not in carrier
         and "baggage" not in carrier
-        and _w3c_only(propagate.get_global_textmap())
+        and _w3c_only_textmap()
         and (match := _TRACEPARENT.fullmatch(value))
     ):
         trace_id, span_id = int(match[1], 16), int(match[2], 16)

@@ -457,8 +457,10 @@ class _scope:  # noqa: N801  (used as a function is: ``with _scope(delivery):``)
         self._log_context.__enter__()
 
     def __exit__(self, *exc_info: object) -> None:
-        self._log_context.__exit__(*exc_info)
-        context.detach(self._token)
+        try:
+            self._log_context.__exit__(*exc_info)
+        finally:
+            context.detach(self._token)
 
 
 async def _reject(delivery: _Delivery) -> None:

@@ -5,16 +5,19 @@ burst of the worker's batches fits the queue, and a dead export process is repla
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 from collections.abc import AsyncIterator, Iterator
+from http import HTTPStatus
 
 import pytest
 from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans as sdk_encode
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.sampling import Decision, StaticSampler
 from opentelemetry.trace import SpanKind
 
 from shared import span_export, spans
@@ -22,6 +25,7 @@ from shared.span_export import ExportProcessSpanProcessor
 from tests.support.otlp import OtlpReceiver
 from tests.support.polling import eventually
 from tests.support.span_samples import every_kind_of_span
+from worker.metrics import Outcome
 
 
 @pytest.fixture
@@ -202,3 +206,65 @@ class TestExportProcess:
 
         assert span_export._environment_int("OTEL_BSP_MAX_QUEUE_SIZE", 16_384) == 16_384
         assert "OTEL_BSP_MAX_QUEUE_SIZE is not a whole number; using 16384" in caplog.messages
+
+    async def test_values_of_subclassed_types_arrive_as_their_plain_values(
+        self, processor: ExportProcessSpanProcessor, receiver: OtlpReceiver
+    ) -> None:
+        # marshal writes only exact types; the platform's outcomes are StrEnum members.
+        tracer = spans.tracer("worker.processing", _provider(processor))
+        odd = tracer.start_span(
+            "odd values",
+            attributes={
+                "campaign.outcome": Outcome.SUCCESS,  # a StrEnum member
+                "http.response.status_code": HTTPStatus.CREATED,  # an IntEnum member
+                "not.a.value": object(),  # type: ignore[dict-item]  # what a bug might set
+                "kept": "plain",
+            },
+        )
+        odd.end()
+        _worker_spans(_provider(processor), 1)  # the batch after it still arrives
+
+        assert await asyncio.to_thread(processor.force_flush)
+
+        [received] = [span for span in receiver.spans if span.name == "odd values"]
+        assert received.attributes == {
+            "campaign.outcome": "success",
+            "http.response.status_code": 201,
+            "kept": "plain",
+        }
+        assert len(receiver.spans) == 3
+
+    async def test_a_span_recorded_but_not_sampled_is_not_exported(
+        self, processor: ExportProcessSpanProcessor, receiver: OtlpReceiver
+    ) -> None:
+        recording_only = TracerProvider(sampler=StaticSampler(Decision.RECORD_ONLY))
+        recording_only.add_span_processor(processor)
+        recording_only.get_tracer("t").start_span("recorded only").end()
+        _worker_spans(_provider(processor), 1)
+
+        assert await asyncio.to_thread(processor.force_flush)
+
+        assert "recorded only" not in _received_names(receiver)
+        assert len(receiver.spans) == 2
+
+    async def test_shutdown_stops_an_export_process_that_does_not_read(
+        self, receiver: OtlpReceiver, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr(span_export, "_STOP_SECONDS", 2.0)
+        processor = ExportProcessSpanProcessor("test")
+        pid = processor.export_process_id
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)  # alive, reading nothing
+        try:
+            # More than the pipe holds, so the sender waits on the child.
+            _worker_spans(_provider(processor), 2000)
+            assert not await asyncio.to_thread(processor.force_flush, 500)
+
+            await asyncio.to_thread(processor.shutdown)  # returns (the test's timeout guards)
+
+            assert processor.export_process_id is None
+            with pytest.raises(ProcessLookupError):  # stopped, and reaped
+                os.kill(pid, 0)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
