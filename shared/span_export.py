@@ -29,6 +29,7 @@ for it are dropped and counted.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import itertools
 import logging
 import marshal
@@ -61,6 +62,7 @@ _QUEUE_SIZE = 16_384  # a few of the worker's batches (two spans a delivery), wh
 _RESTART_SECONDS = 5.0
 _DROPPED_LOG_SECONDS = 10.0
 _STOP_SECONDS = 30.0  # the SDK's export timeout: what the child may take to send its last spans
+_PIPE_BYTES = 1 << 20  # Linux's largest pipe for an unprivileged process, by default
 _STUCK_SECONDS = 60.0  # a child that reads nothing for this long is stopped (and replaced)
 _ROOT = str(Path(__file__).resolve().parent.parent)  # where the child imports ``shared`` from
 
@@ -368,6 +370,10 @@ def _spawn(service_name: str) -> subprocess.Popen[bytes]:
     )
     assert child.stdin is not None
     os.set_blocking(child.stdin.fileno(), False)  # so that a write can wait with a deadline
+    # A pipe that holds several batches: a write that has to wait for the child to read takes
+    # the GIL again for every few pages the child frees, time the event loop waits for.
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(child.stdin.fileno(), fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
     return child
 
 
