@@ -17,13 +17,14 @@ As the SDK's batch processor, and by its variables: at most ``OTEL_BSP_MAX_QUEUE
 wait (16,384 here; more are dropped, and a warning every ten seconds says how many), a batch is
 sent when ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE`` spans wait or ``OTEL_BSP_SCHEDULE_DELAY``
 milliseconds have passed, and ``force_flush``/``shutdown`` return once the child has exported
-what was queued before them (the provider's shutdown runs at exit).
+what was queued before them (the provider's shutdown runs at exit; it gives up, and stops the
+child, after 30 s in all). Spans recorded but not sampled are not exported.
 
 The child exits when its input closes, after exporting what it has: it ignores SIGINT and
 SIGTERM, which a terminal or a service manager may send to the whole process group, so the
 service's own shutdown decides when the last spans go. A child that dies (killed, out of
-memory) is started again for the next batch, at most once every few seconds; the spans meant
-for it are dropped and counted.
+memory), or reads nothing for a minute, is stopped and started again for the next batch, at
+most once every five seconds; the spans meant for it are dropped and counted.
 """
 
 from __future__ import annotations
