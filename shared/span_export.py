@@ -565,11 +565,16 @@ Origins = dict[int, tuple[Resource, InstrumentationScope | None]]
 
 def rebuild(records: Iterable[Record], origins: Origins) -> list[ReadableSpan]:
     """The spans of a batch's records. A record that names a resource and scope (sent before
-    the first span of theirs) goes into ``origins``, where the spans after it find them."""
+    the first span of theirs) goes into ``origins``, where the spans after it find them; a
+    span whose origin never came is left out (and logged), not the batch it is in."""
     spans: list[ReadableSpan] = []
+    unknown = 0
     for record in records:
         if record[0] == _ORIGIN:
             origins[record[1]] = _origin(record[2:])
+            continue
+        if record[1] not in origins:
+            unknown += 1
             continue
         (
             _,
@@ -619,6 +624,8 @@ def rebuild(records: Iterable[Record], origins: Origins) -> list[ReadableSpan]:
                 instrumentation_scope=scope,
             )
         )
+    if unknown:
+        logger.error("spans of an unknown resource and scope left out", extra={"spans": unknown})
     return spans
 
 

@@ -268,3 +268,22 @@ class TestExportProcess:
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+class TestRebuild:
+    def test_a_span_whose_origin_never_came_is_left_out_not_its_batch(
+        self, sample: list[ReadableSpan], caplog: pytest.LogCaptureFixture
+    ) -> None:
+        first, second = sample[0], sample[1]
+        origins: span_export.Origins = {}
+        announced = (span_export._ORIGIN, 0, *span_export._describe(first.resource, None))
+        records = [
+            announced,
+            span_export._record(first, 0),
+            span_export._record(second, 7),  # an origin this process never heard of
+        ]
+
+        rebuilt = span_export.rebuild(records, origins)
+
+        assert [span.name for span in rebuilt] == [first.name]
+        assert "spans of an unknown resource and scope left out" in caplog.messages
