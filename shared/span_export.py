@@ -160,7 +160,7 @@ class ExportProcessSpanProcessor(SpanProcessor):
         if len(queue) >= self._max_queue:
             self._dropped += 1
             return
-        queue.append(_record(span, self._origin(span)))
+        queue.append(_record(span, context, self._origin(span)))
         if len(queue) >= self._batch and not self._wake.is_set():
             self._wake.set()
 
@@ -464,9 +464,7 @@ def _describe(resource: Resource, scope: InstrumentationScope | None) -> tuple[A
     )
 
 
-def _record(span: ReadableSpan, origin: int) -> Record:
-    context = span.get_span_context()
-    assert context is not None, "an ended span has a context"
+def _record(span: ReadableSpan, context: SpanContext, origin: int) -> Record:
     parent = span.parent
     status = span.status
     attributes = span._attributes  # the span's own mapping: .attributes wraps it in a proxy

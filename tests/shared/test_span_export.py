@@ -279,8 +279,8 @@ class TestRebuild:
         announced = (span_export._ORIGIN, 0, *span_export._describe(first.resource, None))
         records = [
             announced,
-            span_export._record(first, 0),
-            span_export._record(second, 7),  # an origin this process never heard of
+            span_export._record(first, first.context, 0),
+            span_export._record(second, second.context, 7),  # an origin this process never heard of
         ]
 
         rebuilt = span_export.rebuild(records, origins)
