@@ -52,6 +52,10 @@ class CommonSettings(BaseSettings):
     max_request_body_bytes: int = Field(default=64 * 1024, ge=1024)
     # How long /ready waits for each dependency before calling it unreachable.
     readiness_timeout_seconds: float = Field(default=2.0, gt=0)
+    # Allocations (net, of container objects) between two young-generation collections, once
+    # the service has started (shared.heap). Python's own default, 700, means a collection
+    # every request or two on the hot paths.
+    gc_gen0_threshold: int = Field(default=50_000, ge=100)
 
     @property
     def is_production(self) -> bool:

@@ -116,6 +116,7 @@ def create_app(settings: WorkerSettings | None = None) -> FastAPI:
             startup.start()
             cleanup.push_async_callback(startup.stop)
 
+            app.state.settings = settings
             app.state.engine = engine
             app.state.broker_startup = startup
             app.state.consumer = consumer

@@ -8,8 +8,10 @@ from contextlib import asynccontextmanager
 
 import pytest
 from fastapi import FastAPI
+from pydantic import ValidationError
 
 from shared.heap import freeze_once_started
+from shared.settings import CommonSettings
 
 
 @pytest.fixture
@@ -45,3 +47,40 @@ async def test_what_start_up_made_is_frozen_and_start_up_still_runs(unfrozen: No
         assert ran == ["start"]
     assert ran == ["start", "stop"]
     assert frozen >= 1000
+
+
+@pytest.fixture
+def thresholds() -> Iterator[tuple[int, int, int]]:
+    before = gc.get_threshold()
+    yield before
+    gc.set_threshold(*before)
+
+
+async def test_young_collections_follow_the_setting_while_the_app_runs(
+    unfrozen: None, thresholds: tuple[int, int, int]
+) -> None:
+    settings = CommonSettings(gc_gen0_threshold=12_345)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.settings = settings
+        yield
+
+    app = freeze_once_started(FastAPI(lifespan=lifespan))
+    async with app.router.lifespan_context(app):
+        assert gc.get_threshold() == (12_345, *thresholds[1:])
+    # Given back when the app stops: the rest of the process collects as it did.
+    assert gc.get_threshold() == thresholds
+
+
+async def test_an_app_without_settings_keeps_the_thresholds(
+    unfrozen: None, thresholds: tuple[int, int, int]
+) -> None:
+    app = freeze_once_started(FastAPI())
+    async with app.router.lifespan_context(app):
+        assert gc.get_threshold() == thresholds
+
+
+def test_a_threshold_that_would_collect_all_the_time_is_refused() -> None:
+    with pytest.raises(ValidationError, match="gc_gen0_threshold"):
+        CommonSettings(gc_gen0_threshold=10)
