@@ -220,6 +220,31 @@ async def run(bench: Bench) -> dict[str, Any]:
         for service in services:
             await service.stop()
 
+    # The cost of tracing on the request path: campaign_service again, with tracing off.
+    await settle(bench)
+    untraced = Process(
+        "campaign_service_untraced",
+        python("-m", "uvicorn", "campaign_service.main:app", "--port", str(ports["campaigns"])),
+        bench.env(JWT_JWKS_URL=f"{user_url}/.well-known/jwks.json", OTEL_SDK_DISABLED="true"),
+        bench.logs,
+    )
+    user = services[0]
+    await user.start()  # the token's keys, from its JWKS
+    await untraced.start()
+    try:
+        await wait_http(f"{user_url}/health")
+        await wait_http(f"{campaigns_url}/ready")
+        results["untraced_post"] = await wrk(
+            f"{campaigns_url}/campaigns", "post_campaign.lua", token=token
+        )
+        await settle(bench)
+        results["untraced_get"] = await wrk(
+            f"{campaigns_url}/campaigns", "get_campaigns.lua", token=token
+        )
+    finally:
+        await untraced.stop()
+        await user.stop()
+
     def row(name: str, key: str, reference: str | None = None) -> dict[str, Any]:
         result = results[key]
         ratio = (
@@ -242,6 +267,15 @@ async def run(bench: Bench) -> dict[str, Any]:
     results["get_vs_bare"] = (
         results["service_get"]["requests_per_second"] / results["bare_get"]["requests_per_second"]
     )
+    # What tracing leaves of the service's throughput (traced over untraced).
+    results["tracing_cost_post"] = (
+        results["service_post"]["requests_per_second"]
+        / results["untraced_post"]["requests_per_second"]
+    )
+    results["tracing_cost_get"] = (
+        results["service_get"]["requests_per_second"]
+        / results["untraced_get"]["requests_per_second"]
+    )
     # The gateway's own cost per request, without queueing (one connection, same request).
     results["gateway_overhead_p50_ms"] = (
         results["gateway_get_1"]["p50_ms"] - results["service_get_1"]["p50_ms"]
@@ -250,9 +284,11 @@ async def run(bench: Bench) -> dict[str, Any]:
         row("bare FastAPI: POST (same inserts)", "bare_post"),
         row("bare FastAPI, traced as the services: POST", "bare_traced_post", "bare_post"),
         row("campaign_service: POST /campaigns", "service_post", "bare_post"),
+        row("campaign_service, tracing off: POST", "untraced_post", "bare_post"),
         row("bare FastAPI: GET (same query)", "bare_get"),
         row("bare FastAPI, traced as the services: GET", "bare_traced_get", "bare_get"),
         row("campaign_service: GET /campaigns", "service_get", "bare_get"),
+        row("campaign_service, tracing off: GET", "untraced_get", "bare_get"),
         row("gateway -> campaign_service: GET", "gateway_get", "service_get"),
         row("gateway -> campaign_service: POST", "gateway_post", "service_post"),
         row("campaign_service: GET, 1 connection", "service_get_1"),
