@@ -1,4 +1,4 @@
-"""The benchmark suite: ./scripts/benchmark [--only drain,latency,http,memory,tracing]
+"""The benchmark suite: ./scripts/benchmark [--only drain,latency,http,tracing,database]
 
 Prints each measurement as a table and writes them all as JSON under benchmark-results/.
 Every figure that has a target is a ratio against a limit measured in the same run (a bare
@@ -14,11 +14,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.benchmarks import drain, http, latency
+from tests.benchmarks import database, drain, http, latency
 from tests.benchmarks.harness import bench_environment, write_results
 from tests.benchmarks.report import machine, table
 
-ALL = ("drain", "latency", "http", "tracing")
+ALL = ("drain", "latency", "http", "tracing", "database")
 
 
 async def main() -> None:
@@ -52,6 +52,9 @@ async def main() -> None:
         if "tracing" in wanted:
             results["tracing"] = await drain.tracing_cost(bench, events=min(args.events, 10_000))
             print(table("Cost of tracing (worker drain)", results["tracing"]["table"]))
+        if "database" in wanted:
+            results["database"] = await database.run(bench)
+            print(table("A campaign written, by database layer", results["database"]["table"]))
     memory = _memory_rows(results)
     if memory:
         print(table("Memory (resident set size)", memory))
