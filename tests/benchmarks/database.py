@@ -2,10 +2,13 @@
 work costs on its own, and what each layer under it costs.
 
 Each way writes the same rows (a campaign and its outbox row, in one statement, in a
-transaction unless said), one campaign after another on a pooled connection, untraced:
+transaction unless said), one campaign after another on a connection of the service's own engine
+(``shared.db.create_engine``: its statement hooks run; their spans are no-ops, as no tracer
+provider is configured in this process):
 
 - the service's use case (``service.create_campaign``) in a session, committed, as a request
-  runs it: the ORM session, the ``Campaign`` object, the event, the log line;
+  runs it: the ORM session, the ``Campaign`` object, the event (its log line is made, not
+  written);
 - the same statement, built once as the repositories build it, run by the session;
 - the same statement on the session's connection (SQLAlchemy Core, no ORM session in the way);
 - its SQL through ``exec_driver_sql`` (SQLAlchemy's connection and its asyncpg adapter, no
