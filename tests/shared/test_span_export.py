@@ -247,6 +247,47 @@ class TestExportProcess:
         assert "recorded only" not in _received_names(receiver)
         assert len(receiver.spans) == 2
 
+    async def test_a_forked_copy_exports_through_an_export_process_of_its_own(
+        self, processor: ExportProcessSpanProcessor, receiver: OtlpReceiver
+    ) -> None:
+        # What a pre-forking server does to a service that configured tracing before the fork.
+        provider = _provider(processor)
+        _worker_spans(provider, 1)
+        assert await asyncio.to_thread(processor.force_flush)
+        parents = processor.export_process_id
+        pid = os.fork()
+        if pid == 0:  # the copy: its spans, flushed and shut down; nothing else of the test
+            code = 1
+            try:
+                _worker_spans(provider, 2)
+                own = processor.export_process_id  # none yet: its parent's is not its own
+                flushed = processor.force_flush(10_000)
+                started = processor.export_process_id
+                processor.shutdown()
+                code = 0 if own is None and flushed and started not in (None, parents) else 2
+            finally:
+                os._exit(code)
+
+        async def exit_code() -> int | None:
+            done, status = await asyncio.to_thread(os.waitpid, pid, os.WNOHANG)
+            return os.waitstatus_to_exitcode(status) if done else None
+
+        try:
+            code = await eventually(
+                exit_code, until=lambda code: code is not None, timeout=30, what="the copy done"
+            )
+        except BaseException:  # still running (stuck): not left behind
+            os.kill(pid, signal.SIGKILL)
+            await asyncio.to_thread(os.waitpid, pid, 0)
+            raise
+        assert code == 0
+        assert len(receiver.spans) == 2 + 4
+        # The parent's processor and export process are untouched by the copy's.
+        _worker_spans(provider, 1)
+        assert await asyncio.to_thread(processor.force_flush)
+        assert len(receiver.spans) == 2 + 4 + 2
+        assert processor.export_process_id == parents
+
     async def test_shutdown_stops_an_export_process_that_does_not_read(
         self, receiver: OtlpReceiver, monkeypatch: pytest.MonkeyPatch
     ) -> None:
