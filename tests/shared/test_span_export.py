@@ -273,14 +273,14 @@ class TestExportProcess:
             return os.waitstatus_to_exitcode(status) if done else None
 
         try:
-            code = await eventually(
+            exited = await eventually(
                 exit_code, until=lambda code: code is not None, timeout=30, what="the copy done"
             )
         except BaseException:  # still running (stuck): not left behind
             os.kill(pid, signal.SIGKILL)
             await asyncio.to_thread(os.waitpid, pid, 0)
             raise
-        assert code == 0
+        assert exited == 0
         assert len(receiver.spans) == 2 + 4
         # The parent's processor and export process are untouched by the copy's.
         _worker_spans(provider, 1)
