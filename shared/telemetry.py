@@ -277,13 +277,21 @@ def _operation_and_table(statement: str) -> tuple[str, str | None]:
 
 def _with_parts(statement: str) -> list[str] | None:
     """The bodies of a ``WITH`` statement's parts and, last, its main statement; None when the
-    statement has no ``WITH`` (or one this cannot follow)."""
+    statement has no ``WITH`` (or one this cannot follow). Parentheses inside quotes (a string
+    literal, a quoted name) are text, not structure; dollar quotes are not followed."""
     if statement.lstrip()[:5].upper() not in ("WITH ", "WITH\n"):
         return None
     parts, depth, start = [], 0, 0
     body = False  # the parenthesis open at depth 1 holds a part (not a list of column names)
+    quote = ""  # the quote character of the literal or name being read, if any
     for index, char in enumerate(statement):
-        if char == "(":
+        if quote:
+            # A doubled quote (an escaped one) ends the literal and starts it again at once.
+            if char == quote:
+                quote = ""
+        elif char in "'\"":
+            quote = char
+        elif char == "(":
             depth += 1
             if depth == 1:
                 start = index + 1

@@ -225,7 +225,15 @@ class TestStatementSpans:
                     "SELECT count(*) FROM gone"
                 )
             )
-        writes, reads, listed = spans.finished()
+            # Parentheses inside a literal and a quoted name are text, not parts.
+            await connection.execute(
+                text(
+                    "WITH gone AS (DELETE FROM outbox WHERE tenant_id = 'no)bo''(dy' "
+                    'RETURNING id AS "i)d") '
+                    "SELECT count(*) FROM gone"
+                )
+            )
+        writes, reads, listed, quoted = spans.finished()
         assert writes.name == "DELETE outbox SELECT campaigns"
         assert writes.attributes is not None
         assert writes.attributes["db.query.summary"] == writes.name
@@ -236,6 +244,7 @@ class TestStatementSpans:
         assert reads.attributes is not None
         assert "db.query.summary" not in reads.attributes
         assert listed.name == "DELETE outbox SELECT campaigns SELECT gone"
+        assert quoted.name == "DELETE outbox SELECT gone"
 
     async def test_transaction_control_makes_no_span(
         self, traced_engine: AsyncEngine, spans: Spans
