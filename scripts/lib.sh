@@ -69,3 +69,10 @@ ensure_tools() {
     }
   fi
 }
+
+ensure_wrk() {  # the HTTP load generator (Debian's package)
+  if ! command -v wrk >/dev/null 2>&1; then
+    log "installing wrk (Debian package)"
+    apt-get install -y -qq wrk >/dev/null 2>&1 || { apt-get update -qq >/dev/null && apt-get install -y -qq wrk >/dev/null; }
+  fi
+}

@@ -1,17 +1,24 @@
-"""Interleaved worker drains of two builds: ./scripts/benchmark-ab BASE [--rounds N] [--events N]
+"""Interleaved runs of two builds: ./scripts/benchmark-ab BASE [--measure drain|post|get]
 
 The working tree against ``BASE`` (any git revision, checked out in a temporary worktree), one
-drain of each in turn, ``--rounds`` times, on one database and vhost: both builds see the same
+run of each in turn, ``--rounds`` times, on one database and vhost: both builds see the same
 machine, so a change's effect shows even when the machine's speed drifts between runs (a single
-figure on these machines moves by a tenth from one run to the next). Tracing at 100% unless
-``--env OTEL_SDK_DISABLED=true`` (or any other variable) says otherwise. Prints each drain and
-the means, and writes them as JSON under benchmark-results/.
+figure on these machines moves by a tenth from one run to the next).
+
+- ``drain`` (the default): the worker drains ``--events`` queued events; events/s.
+- ``post``, ``get``: campaign_service (each build's, started afresh each run; user_service of the
+  working tree issues the token) under ``wrk`` for ``--seconds``, 32 connections, on POST or
+  GET /campaigns; requests/s. The outbox is drained and the tables vacuumed between runs.
+
+Tracing at 100% unless ``--env OTEL_SDK_DISABLED=true`` (or any other variable) says otherwise.
+Prints each run and the means, and writes them as JSON under benchmark-results/.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import shutil
 import subprocess
 import sys
@@ -32,9 +39,15 @@ from tests.benchmarks.harness import (
     seed_campaigns,
     truncate_logs,
     wait_for_rows,
+    wait_http,
     write_results,
 )
+from tests.benchmarks.http import settle, token_for, wrk
 from tests.support.processes import ROOT
+from tests.support.users import new_private_key_pem
+
+UNITS = {"drain": "events/s", "post": "requests/s", "get": "requests/s"}
+SCRIPTS = {"post": "post_campaign.lua", "get": "get_campaigns.lua"}
 
 
 async def _drain(bench: Bench, name: str, root: Path, env: dict[str, str], events: int) -> float:
@@ -57,27 +70,91 @@ async def _drain(bench: Bench, name: str, root: Path, env: dict[str, str], event
     return events / seconds
 
 
+async def _http(
+    bench: Bench,
+    name: str,
+    root: Path,
+    env: dict[str, str],
+    script: str,
+    seconds: int,
+    user_url: str,
+    token: str,
+) -> float:
+    """One wrk run against a campaign_service of the build at ``root``."""
+    port = free_port()
+    service = Process(
+        name,
+        [sys.executable, "-m", "uvicorn", "campaign_service.main:app", "--port", str(port)],
+        bench.env(JWT_JWKS_URL=f"{user_url}/.well-known/jwks.json", **env),
+        bench.logs,
+        cwd=root,
+    )
+    await service.start()
+    try:
+        await wait_http(f"http://127.0.0.1:{port}/ready")
+        result = await wrk(
+            f"http://127.0.0.1:{port}/campaigns", script, seconds=seconds, token=token
+        )
+        if result["non_2xx"] or result["socket_errors"]:
+            raise RuntimeError(f"{name}: {result}")
+        await settle(bench)  # its relay publishes what the run wrote before it stops
+    finally:
+        await service.stop()
+    rate: float = result["requests_per_second"]
+    return rate
+
+
 async def compare(
-    base: Path, base_name: str, rounds: int, events: int, env: dict[str, str]
+    base: Path, base_name: str, rounds: int, measure: str, size: int, env: dict[str, str]
 ) -> dict[str, Any]:
     results_dir = ROOT / "benchmark-results"
     builds = {base_name: base, "working tree": ROOT}
     rates: dict[str, list[float]] = {name: [] for name in builds}
-    async with bench_environment(results_dir) as bench:
+    unit = UNITS[measure]
+    async with bench_environment(results_dir) as bench, contextlib.AsyncExitStack() as stack:
         await declare_topology(bench)
+        user_url = token = ""  # the HTTP runs' user_service, and the token it issued
+        if measure != "drain":
+            user_port = free_port()
+            user = Process(
+                "ab-user_service",
+                [
+                    sys.executable,
+                    "-m",
+                    "uvicorn",
+                    "user_service.main:app",
+                    "--port",
+                    str(user_port),
+                ],
+                bench.env(JWT_PRIVATE_KEY=new_private_key_pem()),
+                bench.logs,
+            )
+            await user.start()
+            stack.push_async_callback(user.stop)
+            user_url = f"http://127.0.0.1:{user_port}"
+            await wait_http(f"{user_url}/health")
+            token = await token_for(user_url)
         for round_ in range(1, rounds + 1):
             for name, root in builds.items():
-                rate = await _drain(bench, f"ab-{len(rates[name])}", root, env, events)
+                run_name = f"ab-{measure}-{len(rates[name])}"
+                if measure == "drain":
+                    rate = await _drain(bench, run_name, root, env, size)
+                else:
+                    rate = await _http(
+                        bench, run_name, root, env, SCRIPTS[measure], size, user_url, token
+                    )
                 rates[name].append(rate)
-                print(f"round {round_}: {name}: {rate:,.0f} events/s", flush=True)
+                print(f"round {round_}: {name}: {rate:,.0f} {unit}", flush=True)
     means = {name: mean(values) for name, values in rates.items()}
     print()
     for name, values in rates.items():
         listed = ", ".join(f"{value:,.0f}" for value in values)
-        print(f"{name:>24}: mean {means[name]:,.0f} events/s ({listed})")
+        print(f"{name:>24}: mean {means[name]:,.0f} {unit} ({listed})")
     change = means["working tree"] / means[base_name] - 1
     print(f"{'change':>24}: {change:+.1%}")
-    results = {"ab": {"base": base_name, "events": events, "env": env, "rates": rates}}
+    results = {
+        "ab": {"base": base_name, "measure": measure, "size": size, "env": env, "rates": rates}
+    }
     path = write_results(results_dir, results)
     print(f"results written to {path}")
     return results
@@ -87,7 +164,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("base", help="the git revision to compare the working tree against")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--events", type=int, default=20_000)
+    parser.add_argument("--measure", choices=sorted(UNITS), default="drain")
+    parser.add_argument("--events", type=int, default=20_000, help="events a drain takes")
+    parser.add_argument("--seconds", type=int, default=10, help="length of a wrk run")
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for both builds")
     args = parser.parse_args()
     env = dict(item.split("=", 1) for item in args.env)
@@ -97,7 +176,8 @@ def main() -> None:
         check=True,
     )
     try:
-        asyncio.run(compare(worktree, args.base, args.rounds, args.events, env))
+        size = args.events if args.measure == "drain" else args.seconds
+        asyncio.run(compare(worktree, args.base, args.rounds, args.measure, size, env))
     finally:
         subprocess.run(
             ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(worktree)], check=False
