@@ -90,6 +90,43 @@ def _written_with(statement: Insert, other: Insert) -> Insert:
     return statement.add_cte(other.cte())
 
 
+def outbox_write(
+    event: CampaignCreated,
+    *,
+    headers: dict[str, str] | None = None,
+    together_with: Write | None = None,
+    claim_after: timedelta | None = None,
+) -> tuple[Outgoing, Insert, dict[str, Any]]:
+    """The event's message, and the statement and parameters that write its row; with
+    ``together_with`` (the row of the change the event tells of), both rows in one statement;
+    with ``claim_after``, a row the poll leaves alone that long (see :class:`Handover`)."""
+    message = Outgoing(
+        event.event_id,
+        CAMPAIGNS_EXCHANGE.name,
+        event.event_type,
+        event.model_dump(mode="json"),
+        headers or {},
+    )
+    values: dict[str, Any] = {
+        "id": message.id,
+        "tenant_id": event.tenant_id,
+        "exchange": message.exchange,
+        "routing_key": message.routing_key,
+        "payload": message.payload,
+        "headers": message.headers,
+    }
+    statement = _INSERT
+    if claim_after is not None:
+        statement = _INSERT_HANDED_OVER
+        values["claim_after"] = claim_after
+    if together_with is not None:
+        if clash := values.keys() & together_with.parameters.keys():
+            raise ValueError(f"parameters named as the outbox row's: {sorted(clash)}")
+        statement = _written_with(statement, together_with.statement)
+        values.update(together_with.parameters)
+    return message, statement, values
+
+
 class OutboxRepository:
     def __init__(self, session: AsyncSession) -> None:
         self._session = session
@@ -103,31 +140,14 @@ class OutboxRepository:
     ) -> None:
         """The event's row, in the caller's transaction; with ``together_with`` (the row of the
         change the event tells of), both rows in one statement."""
-        message = Outgoing(
-            event.event_id,
-            CAMPAIGNS_EXCHANGE.name,
-            event.event_type,
-            event.model_dump(mode="json"),
-            headers or {},
-        )
-        values: dict[str, Any] = {
-            "id": message.id,
-            "tenant_id": event.tenant_id,
-            "exchange": message.exchange,
-            "routing_key": message.routing_key,
-            "payload": message.payload,
-            "headers": message.headers,
-        }
         handover: Handover | None = self._session.info.get(HANDOVER)
-        statement = _INSERT
-        if handover is not None:  # else any relay's poll takes the row once it is committed
-            statement = _INSERT_HANDED_OVER
-            values["claim_after"] = handover.claim_after
-        if together_with is not None:
-            if clash := values.keys() & together_with.parameters.keys():
-                raise ValueError(f"parameters named as the outbox row's: {sorted(clash)}")
-            statement = _written_with(statement, together_with.statement)
-            values.update(together_with.parameters)
+        # Without a hand-over, any relay's poll takes the row once it is committed.
+        message, statement, values = outbox_write(
+            event,
+            headers=headers,
+            together_with=together_with,
+            claim_after=handover.claim_after if handover is not None else None,
+        )
         await self._session.execute(statement, values)
         if handover is not None:
             handover.stage(self._session.sync_session, message)
