@@ -7,11 +7,12 @@ took a third of what tracing cost; measured in the benchmark suite's drain run, 
 drained about a fifth more events a second with the export moved out of its process.
 
 So a service's spans leave it as plain values: :class:`ExportProcessSpanProcessor` turns each
-span, when it ends, into a tuple of its fields and queues it; a thread of its own sends the
-queued spans in batches (``marshal``, one C call a batch) down a pipe to a child process,
-``python -m shared.span_export``, which rebuilds them as the SDK's ``ReadableSpan`` and exports
-them with :class:`shared.otlp.DirectOTLPSpanExporter`. The child inherits the environment, so
-``OTEL_EXPORTER_OTLP_*`` configure its exporter as they would the service's.
+span, when it ends, into a tuple of its fields (``shared.span_records``) and queues it; a thread
+of its own sends the queued spans in batches (``marshal``, one C call a batch) down a pipe to a
+child process, ``python -m shared.span_export``, which rebuilds them as the SDK's
+``ReadableSpan`` and exports them with :class:`shared.otlp.DirectOTLPSpanExporter`. The child
+inherits the environment, so ``OTEL_EXPORTER_OTLP_*`` configure its exporter as they would the
+service's.
 
 As the SDK's batch processor, and by its variables: at most ``OTEL_BSP_MAX_QUEUE_SIZE`` spans
 wait (16,384 here; more are dropped, and a warning every ten seconds says how many), a batch is
@@ -33,32 +34,38 @@ import contextlib
 import fcntl
 import itertools
 import logging
-import marshal
 import os
 import select
 import signal
-import struct
 import subprocess
 import sys
 import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
-from opentelemetry.trace.span import TraceState
+
+from shared.span_records import (
+    FLUSH,
+    ORIGIN,
+    SPANS,
+    Origins,
+    Record,
+    describe,
+    encode,
+    messages,
+    rebuild,
+    record,
+)
 
 logger = logging.getLogger(__name__)
 
-_FRAME = struct.Struct("<I")  # each message: its length, then marshal.dumps((kind, body))
-_SPANS, _ORIGIN, _FLUSH = 0, 1, 2  # message kinds; a batch's records are spans or origins
 _QUEUE_SIZE = 16_384  # a few of the worker's batches (two spans a delivery), while a batch goes
 _RESTART_SECONDS = 5.0
 _DROPPED_LOG_SECONDS = 10.0
@@ -66,10 +73,6 @@ _STOP_SECONDS = 30.0  # the SDK's export timeout: what the child may take to sen
 _PIPE_BYTES = 1 << 20  # Linux's largest pipe for an unprivileged process, by default
 _STUCK_SECONDS = 60.0  # a child that reads nothing for this long is stopped (and replaced)
 _ROOT = str(Path(__file__).resolve().parent.parent)  # where the child imports ``shared`` from
-
-# A span as it crosses the pipe: plain values marshal writes (attribute values are of the types
-# OpenTelemetry allows: text, bool, int, float, bytes, and sequences and mappings of those).
-Record = tuple[Any, ...]
 
 
 def _environment_int(name: str, default: int) -> int:
@@ -160,7 +163,7 @@ class ExportProcessSpanProcessor(SpanProcessor):
         if len(queue) >= self._max_queue:
             self._dropped += 1
             return
-        queue.append(_record(span, context, self._origin(span)))
+        queue.append(record(span, context, self._origin(span)))
         if len(queue) >= self._batch and not self._wake.is_set():
             self._wake.set()
 
@@ -172,7 +175,7 @@ class ExportProcessSpanProcessor(SpanProcessor):
             # Queued before it is known, so no span that names it (on another thread) can
             # reach the queue first; the objects stay referenced, so their ids are not reused.
             origin = next(self._origin_ids)
-            self._queue.append((_ORIGIN, origin, *_describe(resource, scope)))
+            self._queue.append((ORIGIN, origin, *describe(resource, scope)))
             known = self._origins[key] = (origin, resource, scope)
         return known[0]
 
@@ -187,7 +190,7 @@ class ExportProcessSpanProcessor(SpanProcessor):
             if not self._send_lock.acquire(timeout=_remaining(deadline)):
                 return False
             try:
-                sent = self._send(_FLUSH, token, deadline)
+                sent = self._send(FLUSH, token, deadline)
                 child = self._child
                 if not sent or child is None:
                     return False
@@ -257,8 +260,8 @@ class ExportProcessSpanProcessor(SpanProcessor):
                 records: list[Record] = []
                 for _ in range(min(self._batch, len(queue))):
                     records.append(queue.popleft())
-                if records and not self._send(_SPANS, records, deadline):
-                    self._dropped += sum(1 for record in records if record[0] == _SPANS)
+                if records and not self._send(SPANS, records, deadline):
+                    self._dropped += sum(1 for item in records if item[0] == SPANS)
                     sent = False
             finally:
                 self._send_lock.release()
@@ -266,7 +269,7 @@ class ExportProcessSpanProcessor(SpanProcessor):
 
     def _send(self, kind: int, body: Any, deadline: float | None) -> bool:
         """Whether the message reached a live child (called with the send lock held)."""
-        message = _encode(kind, body)
+        message = encode(kind, body)
         if message is None:
             logger.error("a batch of spans could not be encoded; dropped")
             self._origins.clear()  # the origins in it, if any, are announced again
@@ -274,7 +277,7 @@ class ExportProcessSpanProcessor(SpanProcessor):
         child = self._running_child()
         if child is None:
             return False
-        return self._write(child, _FRAME.pack(len(message)) + message, deadline)
+        return self._write(child, message, deadline)
 
     def _write(self, child: subprocess.Popen[bytes], data: bytes, deadline: float | None) -> bool:
         """Write to the child, waiting for it to read up to the deadline (without one, up to
@@ -311,13 +314,11 @@ class ExportProcessSpanProcessor(SpanProcessor):
             return None
         # What was sent so far went to the one that died: a new one hears every origin again.
         origins = [
-            (_ORIGIN, origin, *_describe(resource, scope))
+            (ORIGIN, origin, *describe(resource, scope))
             for origin, resource, scope in self._origins.values()
         ]
-        message = _encode(_SPANS, origins) if origins else None
-        if message is not None and not self._write(
-            child, _FRAME.pack(len(message)) + message, None
-        ):
+        message = encode(SPANS, origins) if origins else None
+        if message is not None and not self._write(child, message, None):
             return None
         return child
 
@@ -416,237 +417,6 @@ def _await_token(fd: int, token: int, deadline: float) -> bool:
         return False
 
 
-# Values marshal writes only of their exact types: a subclass (a StrEnum member, an IntEnum,
-# HTTPStatus) as an attribute value is written as its base type, as the OTLP encoder would.
-_PLAIN = (bool, str, int, float, bytes)
-_LEFT_OUT = object()
-
-
-def _plain(value: Any) -> Any:
-    if value is None or type(value) in _PLAIN:
-        return value
-    if isinstance(value, str):
-        return str.__str__(value)
-    if isinstance(value, int):  # (bool cannot be subclassed)
-        return int(value)
-    if isinstance(value, float):
-        return float(value)
-    if isinstance(value, bytes):
-        return bytes(value)
-    if isinstance(value, Mapping):
-        pairs = ((str(key), _plain(item)) for key, item in value.items())
-        return {key: item for key, item in pairs if item is not _LEFT_OUT}
-    if isinstance(value, Sequence):
-        return [item for item in map(_plain, value) if item is not _LEFT_OUT]
-    return _LEFT_OUT  # not a value OpenTelemetry allows: left out, as the OTLP encoder does
-
-
-def _encode(kind: int, body: Any) -> bytes | None:
-    """The message; a body with values of other types than marshal's is written with their
-    plain forms. None if even that cannot be written."""
-    try:
-        return marshal.dumps((kind, body))
-    except ValueError:
-        pass
-    try:
-        return marshal.dumps((kind, _plain(body)))
-    except ValueError:
-        return None
-
-
-def _describe(resource: Resource, scope: InstrumentationScope | None) -> tuple[Any, ...]:
-    if scope is None:
-        return dict(resource.attributes), resource.schema_url, None
-    return (
-        dict(resource.attributes),
-        resource.schema_url,
-        (scope.name, scope.version, scope.schema_url, dict(scope.attributes or {})),
-    )
-
-
-def _record(span: ReadableSpan, context: SpanContext, origin: int) -> Record:
-    parent = span.parent
-    status = span.status
-    attributes = span._attributes  # the span's own mapping: .attributes wraps it in a proxy
-    if type(attributes) is not dict:
-        attributes = dict(attributes or {})
-    return (
-        _SPANS,
-        origin,
-        span.name,
-        context.trace_id,
-        context.span_id,
-        int(context.trace_flags),
-        list(context.trace_state.items()) if context.trace_state else None,
-        None if parent is None else (parent.span_id, parent.is_remote),
-        span.kind.value,
-        span.start_time,
-        span.end_time,
-        attributes,
-        span.dropped_attributes,
-        [_event(event) for event in span.events] if span._events else None,
-        span.dropped_events,
-        [_link(link) for link in span.links] if span._links else None,
-        span.dropped_links,
-        status.status_code.value,
-        status.description,
-    )
-
-
-def _event(event: Event) -> tuple[Any, ...]:
-    attributes = dict(event.attributes) if event.attributes else None
-    return event.name, attributes, event.timestamp, event.dropped_attributes
-
-
-def _link(link: Link) -> tuple[Any, ...]:
-    context = link.context
-    attributes = dict(link.attributes) if link.attributes else None
-    return (
-        context.trace_id,
-        context.span_id,
-        int(context.trace_flags),
-        context.is_remote,
-        attributes,
-        link.dropped_attributes,
-    )
-
-
-# -- the export process ---------------------------------------------------------------------------
-
-
-class _Span(ReadableSpan):
-    """A span rebuilt from its record, with the counts of what its limits dropped."""
-
-    def __init__(self, dropped: tuple[int, int, int], **fields: Any) -> None:
-        super().__init__(**fields)
-        self._dropped = dropped
-
-    @property
-    def dropped_attributes(self) -> int:
-        return self._dropped[0]
-
-    @property
-    def dropped_events(self) -> int:
-        return self._dropped[1]
-
-    @property
-    def dropped_links(self) -> int:
-        return self._dropped[2]
-
-
-class _Event(Event):
-    def __init__(self, name: str, attributes: Any, timestamp: int, dropped: int) -> None:
-        super().__init__(name, attributes, timestamp)
-        self._dropped = dropped
-
-    @property
-    def dropped_attributes(self) -> int:
-        return self._dropped
-
-
-class _Link(Link):
-    def __init__(self, context: SpanContext, attributes: Any, dropped: int) -> None:
-        super().__init__(context, attributes)
-        self._dropped = dropped
-
-    @property
-    def dropped_attributes(self) -> int:
-        return self._dropped
-
-
-_KINDS = {kind.value: kind for kind in SpanKind}
-_STATUS = {code.value: code for code in StatusCode}
-
-
-Origins = dict[int, tuple[Resource, InstrumentationScope | None]]
-
-
-def rebuild(records: Iterable[Record], origins: Origins) -> list[ReadableSpan]:
-    """The spans of a batch's records. A record that names a resource and scope (sent before
-    the first span of theirs) goes into ``origins``, where the spans after it find them; a
-    span whose origin never came is left out (and logged), not the batch it is in."""
-    spans: list[ReadableSpan] = []
-    unknown = 0
-    for record in records:
-        if record[0] == _ORIGIN:
-            origins[record[1]] = _origin(record[2:])
-            continue
-        if record[1] not in origins:
-            unknown += 1
-            continue
-        (
-            _,
-            origin,
-            name,
-            trace_id,
-            span_id,
-            flags,
-            trace_state,
-            parent,
-            kind,
-            start_time,
-            end_time,
-            attributes,
-            dropped_attributes,
-            events,
-            dropped_events,
-            links,
-            dropped_links,
-            status_code,
-            status_description,
-        ) = record
-        resource, scope = origins[origin]
-        state = TraceState(trace_state) if trace_state else None
-        context = SpanContext(trace_id, span_id, False, TraceFlags(flags), state)
-        parent_context = None
-        if parent is not None:
-            parent_context = SpanContext(trace_id, parent[0], parent[1], TraceFlags(flags))
-        code = _STATUS[status_code]
-        spans.append(
-            _Span(
-                (dropped_attributes, dropped_events, dropped_links),
-                name=name,
-                context=context,
-                parent=parent_context,
-                resource=resource,
-                attributes=attributes,
-                events=[_Event(*event) for event in events or ()],
-                links=[
-                    _Link(SpanContext(t, s, r, TraceFlags(f)), a, d)
-                    for t, s, f, r, a, d in links or ()
-                ],
-                kind=_KINDS[kind],
-                status=Status(code, status_description),
-                start_time=start_time,
-                end_time=end_time,
-                instrumentation_scope=scope,
-            )
-        )
-    if unknown:
-        logger.error("spans of an unknown resource and scope left out", extra={"spans": unknown})
-    return spans
-
-
-def _origin(description: Sequence[Any]) -> tuple[Resource, InstrumentationScope | None]:
-    attributes, schema_url, scope = description
-    resource = Resource(attributes, schema_url)
-    if scope is None:
-        return resource, None
-    name, version, scope_schema_url, scope_attributes = scope
-    return resource, InstrumentationScope(name, version, scope_schema_url, scope_attributes)
-
-
-def _messages(stream: IO[bytes]) -> Iterable[tuple[int, Any]]:
-    while header := stream.read(_FRAME.size):
-        if len(header) < _FRAME.size:
-            return
-        (size,) = _FRAME.unpack(header)
-        body = stream.read(size)
-        if len(body) < size:
-            return
-        yield marshal.loads(body)  # noqa: S302  (from the parent process, over its own pipe)
-
-
 def main() -> None:
     """The export process: spans from stdin, exported; each flush token acknowledged on
     stdout once everything before it has been exported."""
@@ -663,8 +433,8 @@ def main() -> None:
     exporter = DirectOTLPSpanExporter()
     origins: Origins = {}
     try:
-        for kind, body in _messages(sys.stdin.buffer):
-            if kind == _FLUSH:
+        for kind, body in messages(sys.stdin.buffer):
+            if kind == FLUSH:
                 sys.stdout.buffer.write(b"%d\n" % body)
                 sys.stdout.buffer.flush()
                 continue

@@ -20,7 +20,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.sampling import Decision, StaticSampler
 from opentelemetry.trace import SpanKind
 
-from shared import span_export, spans
+from shared import span_export, span_records, spans
 from shared.span_export import ExportProcessSpanProcessor
 from tests.support.otlp import OtlpReceiver
 from tests.support.polling import eventually
@@ -316,15 +316,15 @@ class TestRebuild:
         self, sample: list[ReadableSpan], caplog: pytest.LogCaptureFixture
     ) -> None:
         first, second = sample[0], sample[1]
-        origins: span_export.Origins = {}
-        announced = (span_export._ORIGIN, 0, *span_export._describe(first.resource, None))
+        origins: span_records.Origins = {}
+        announced = (span_records.ORIGIN, 0, *span_records.describe(first.resource, None))
         records = [
             announced,
-            span_export._record(first, first.context, 0),
-            span_export._record(second, second.context, 7),  # an origin this process never heard of
+            span_records.record(first, first.context, 0),
+            span_records.record(second, second.context, 7),  # an origin this process never heard of
         ]
 
-        rebuilt = span_export.rebuild(records, origins)
+        rebuilt = span_records.rebuild(records, origins)
 
         assert [span.name for span in rebuilt] == [first.name]
         assert "spans of an unknown resource and scope left out" in caplog.messages
