@@ -31,6 +31,7 @@ from tests.benchmarks.harness import (
     Bench,
     Process,
     bench_environment,
+    campaign_service,
     declare_topology,
     free_port,
     processing_window,
@@ -82,13 +83,7 @@ async def _http(
 ) -> float:
     """One wrk run against a campaign_service of the build at ``root``."""
     port = free_port()
-    service = Process(
-        name,
-        [sys.executable, "-m", "uvicorn", "campaign_service.main:app", "--port", str(port)],
-        bench.env(JWT_JWKS_URL=f"{user_url}/.well-known/jwks.json", **env),
-        bench.logs,
-        cwd=root,
-    )
+    service = campaign_service(bench, name, port, user_url, cwd=root, **env)
     await service.start()
     try:
         await wait_http(f"http://127.0.0.1:{port}/ready")

@@ -338,6 +338,20 @@ def python(*args: str) -> list[str]:
     return [sys.executable, *args]
 
 
+def campaign_service(
+    bench: Bench, name: str, port: int, user_url: str, *, cwd: Path = ROOT, **env: str
+) -> Process:
+    """campaign_service as its container runs it, verifying tokens with ``user_url``'s keys
+    (of the build at ``cwd``)."""
+    return Process(
+        name,
+        python("-m", "uvicorn", "campaign_service.main:app", "--port", str(port)),
+        bench.env(JWT_JWKS_URL=f"{user_url}/.well-known/jwks.json", **env),
+        bench.logs,
+        cwd=cwd,
+    )
+
+
 def uvicorn_args(app: str, port: int) -> list[str]:
     return python(
         "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port), "--no-access-log"

@@ -19,6 +19,7 @@ import httpx
 from tests.benchmarks.harness import (
     Bench,
     Process,
+    campaign_service,
     free_port,
     python,
     uvicorn_args,
@@ -150,12 +151,7 @@ async def run(bench: Bench) -> dict[str, Any]:
             bench.env(JWT_PRIVATE_KEY=new_private_key_pem()),
             bench.logs,
         ),
-        Process(
-            "campaign_service",
-            python("-m", "uvicorn", "campaign_service.main:app", "--port", str(ports["campaigns"])),
-            bench.env(JWT_JWKS_URL=f"{user_url}/.well-known/jwks.json"),
-            bench.logs,
-        ),
+        campaign_service(bench, "campaign_service", ports["campaigns"], user_url),
         Process(
             "gateway",
             python(
@@ -222,11 +218,8 @@ async def run(bench: Bench) -> dict[str, Any]:
 
     # The cost of tracing on the request path: campaign_service again, with tracing off.
     await settle(bench)
-    untraced = Process(
-        "campaign_service_untraced",
-        python("-m", "uvicorn", "campaign_service.main:app", "--port", str(ports["campaigns"])),
-        bench.env(JWT_JWKS_URL=f"{user_url}/.well-known/jwks.json", OTEL_SDK_DISABLED="true"),
-        bench.logs,
+    untraced = campaign_service(
+        bench, "campaign_service_untraced", ports["campaigns"], user_url, OTEL_SDK_DISABLED="true"
     )
     user = services[0]
     await user.start()  # the token's keys, from its JWKS

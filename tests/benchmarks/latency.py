@@ -27,6 +27,7 @@ from tests.benchmarks.harness import (
     Bench,
     CpuMeter,
     Process,
+    campaign_service,
     free_port,
     pids_named,
     python,
@@ -153,12 +154,7 @@ async def run(bench: Bench, rates: list[int], seconds: int) -> dict[str, Any]:
             bench.env(JWT_PRIVATE_KEY=new_private_key_pem()),
             bench.logs,
         ),
-        Process(
-            "campaign_service-latency",
-            python("-m", "uvicorn", "campaign_service.main:app", "--port", str(ports["campaigns"])),
-            bench.env(JWT_JWKS_URL=f"{user_url}/.well-known/jwks.json"),
-            bench.logs,
-        ),
+        campaign_service(bench, "campaign_service-latency", ports["campaigns"], user_url),
         Process(
             "worker-latency",
             python("-m", "worker"),
