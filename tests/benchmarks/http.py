@@ -1,7 +1,8 @@
 """HTTP throughput and latency with wrk, each against its limit in the same run:
 - POST /campaigns and GET /campaigns vs a bare FastAPI app doing the same inserts and query;
 - the same requests through the gateway vs straight to the service (the gateway's overhead);
-- POST /login at full load while /health is timed alongside (is the event loop ever blocked?).
+- POST /login at full load while /health is timed alongside (is the event loop ever blocked?);
+- the CPU each POST and GET costs the machine, by process: the app's, PostgreSQL's, RabbitMQ's.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import asyncio
 import os
 import re
 import shutil
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +20,11 @@ import httpx
 
 from tests.benchmarks.harness import (
     Bench,
+    CpuMeter,
     Process,
     campaign_service,
     free_port,
+    pids_named,
     python,
     uvicorn_args,
     wait_http,
@@ -39,7 +43,8 @@ def parse_wrk(output: str) -> dict[str, Any]:
         return float(number) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
     result: dict[str, Any] = {
-        "requests_per_second": float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
+        "requests_per_second": float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1)),  # type: ignore[union-attr]
+        "requests": int(re.search(r"(\d+) requests in", output).group(1)),  # type: ignore[union-attr]
     }
     for percentile in ("50", "90", "99"):
         match = re.search(rf"^\s+{percentile}%\s+(\S+)", output, re.M)
@@ -85,11 +90,9 @@ async def token_for(user_url: str) -> str:
     return token
 
 
-async def settle(bench: Bench, *, drop_outbox: bool = False) -> None:
-    """Between measurements: no work left over from the last one competes with the next. The
-    outbox is emptied (the bare app's rows are dropped; campaign_service's relay is waited
-    for), and the tables the inserts grew are vacuumed and analysed now rather than by an
-    autovacuum in the middle of the next run."""
+async def outbox_empty(bench: Bench, *, drop_outbox: bool = False) -> None:
+    """Until the outbox is empty: the bare app's rows dropped, or campaign_service's relay
+    waited for."""
     connection = await asyncpg.connect(bench.dsn)
 
     async def pending() -> int:
@@ -106,9 +109,47 @@ async def settle(bench: Bench, *, drop_outbox: bool = False) -> None:
             interval=0.5,
             what="the outbox relay done",
         )
+    finally:
+        await connection.close()
+
+
+async def settle(bench: Bench, *, drop_outbox: bool = False) -> None:
+    """Between measurements: no work left over from the last one competes with the next. The
+    outbox is emptied, and the tables the inserts grew are vacuumed and analysed now rather
+    than by an autovacuum in the middle of the next run."""
+    await outbox_empty(bench, drop_outbox=drop_outbox)
+    connection = await asyncpg.connect(bench.dsn)
+    try:
         await connection.execute("VACUUM ANALYZE campaigns, outbox")
     finally:
         await connection.close()
+
+
+CPU_GROUPS = ("app", "postgresql", "rabbitmq", "load generator")
+
+
+async def metered(
+    bench: Bench, app: Process, run: Awaitable[dict[str, Any]], *, drop_outbox: bool = False
+) -> dict[str, Any]:
+    """A wrk run's result, with the CPU its requests cost each process group: from its start
+    until the outbox is empty again, so a campaign's publish and its row's delete count with
+    the request that wrote it (the bare app's rows are deleted by the benchmark instead)."""
+    meter = CpuMeter(
+        {
+            "app": app.pids,  # with its span export process
+            "postgresql": lambda: pids_named("postgres"),
+            "rabbitmq": lambda: pids_named("beam.smp"),
+            "load generator": lambda: [os.getpid()],  # wrk is its child
+        }
+    )
+    meter.start()
+    result = await run
+    await outbox_empty(bench, drop_outbox=drop_outbox)
+    spent, _ = meter.stop()
+    result["cpu_us_per_request"] = {
+        name: seconds / result["requests"] * 1e6 for name, seconds in spent.items()
+    }
+    return result
 
 
 async def run(bench: Bench) -> dict[str, Any]:
@@ -128,9 +169,13 @@ async def run(bench: Bench) -> dict[str, Any]:
             await wait_http(f"http://127.0.0.1:{bare_port}/health")
             bare_url = f"http://127.0.0.1:{bare_port}/campaigns"
             await settle(bench, drop_outbox=True)
-            results[f"{key}_post"] = await wrk(bare_url, "post_campaign.lua")
+            results[f"{key}_post"] = await metered(
+                bench, bare, wrk(bare_url, "post_campaign.lua"), drop_outbox=True
+            )
             await settle(bench, drop_outbox=True)
-            results[f"{key}_get"] = await wrk(bare_url, "get_campaigns.lua")
+            results[f"{key}_get"] = await metered(
+                bench, bare, wrk(bare_url, "get_campaigns.lua"), drop_outbox=True
+            )
         finally:
             await bare.stop()
     await settle(bench, drop_outbox=True)  # rows of requests still in flight when wrk ended
@@ -189,12 +234,13 @@ async def run(bench: Bench) -> dict[str, Any]:
             wrk(f"{user_url}/health", None, connections=1),
         )
 
-        results["service_post"] = await wrk(
-            f"{campaigns_url}/campaigns", "post_campaign.lua", token=token
+        service = services[1]
+        results["service_post"] = await metered(
+            bench, service, wrk(f"{campaigns_url}/campaigns", "post_campaign.lua", token=token)
         )
         await settle(bench)
-        results["service_get"] = await wrk(
-            f"{campaigns_url}/campaigns", "get_campaigns.lua", token=token
+        results["service_get"] = await metered(
+            bench, service, wrk(f"{campaigns_url}/campaigns", "get_campaigns.lua", token=token)
         )
         results["gateway_get"] = await wrk(gateway_url, "get_campaigns.lua", token=token)
         results["gateway_post"] = await wrk(gateway_url, "post_campaign.lua", token=token)
@@ -227,12 +273,12 @@ async def run(bench: Bench) -> dict[str, Any]:
     try:
         await wait_http(f"{user_url}/health")
         await wait_http(f"{campaigns_url}/ready")
-        results["untraced_post"] = await wrk(
-            f"{campaigns_url}/campaigns", "post_campaign.lua", token=token
+        results["untraced_post"] = await metered(
+            bench, untraced, wrk(f"{campaigns_url}/campaigns", "post_campaign.lua", token=token)
         )
         await settle(bench)
-        results["untraced_get"] = await wrk(
-            f"{campaigns_url}/campaigns", "get_campaigns.lua", token=token
+        results["untraced_get"] = await metered(
+            bench, untraced, wrk(f"{campaigns_url}/campaigns", "get_campaigns.lua", token=token)
         )
     finally:
         await untraced.stop()
@@ -291,4 +337,33 @@ async def run(bench: Bench) -> dict[str, Any]:
         row("POST /login (16 connections), second storm", "login_storm"),
         row("GET /health during the second storm", "health_during_storm"),
     ]
+    results["cpu_table"] = [
+        cpu_row(name, results[key], results[reference]["requests_per_second"])
+        for name, key, reference in (
+            ("bare FastAPI: POST", "bare_post", "bare_post"),
+            ("bare FastAPI, traced: POST", "bare_traced_post", "bare_post"),
+            ("campaign_service: POST /campaigns", "service_post", "bare_post"),
+            ("campaign_service, tracing off: POST", "untraced_post", "bare_post"),
+            ("bare FastAPI: GET", "bare_get", "bare_get"),
+            ("bare FastAPI, traced: GET", "bare_traced_get", "bare_get"),
+            ("campaign_service: GET /campaigns", "service_get", "bare_get"),
+            ("campaign_service, tracing off: GET", "untraced_get", "bare_get"),
+        )
+    ]
     return results
+
+
+def cpu_row(name: str, result: dict[str, Any], bare_rate: float) -> dict[str, Any]:
+    """CPU per request by process group, and how many cores that work would take at half the
+    bare endpoint's rate (the target), all of it and the part outside the app's process: what
+    no change to the app's code can take away."""
+    cpu = result["cpu_us_per_request"]
+    total = sum(cpu.values())
+    half = bare_rate / 2 / 1e6
+    return {
+        "measurement": name,
+        **{f"{group} µs": round(cpu[group]) for group in CPU_GROUPS},
+        "all µs": round(total),
+        "cores at half the bare rate": round(total * half, 2),
+        "outside the app": round((total - cpu["app"]) * half, 2),
+    }

@@ -49,6 +49,7 @@ async def main() -> None:
         if "http" in wanted:
             results["http"] = await http.run(bench)
             print(table("HTTP", results["http"]["table"]))
+            print(table("CPU per request (HTTP runs)", results["http"]["cpu_table"]))
         if "tracing" in wanted:
             results["tracing"] = await drain.tracing_cost(bench, events=min(args.events, 10_000))
             print(table("Cost of tracing (worker drain)", results["tracing"]["table"]))
