@@ -51,6 +51,35 @@ class CampaignIn(BaseModel):
     description: str | None = None
 
 
+def campaign_event(
+    event_id: uuid.UUID, campaign_id: uuid.UUID, tenant: str, data: CampaignIn, now: datetime
+) -> dict[str, Any]:
+    """The campaign.created event, as campaign_service writes it into the outbox row."""
+    return {
+        "event_id": str(event_id),
+        "event_type": "campaign.created",
+        "schema_version": 1,
+        "occurred_at": now.isoformat(),
+        "tenant_id": tenant,
+        "campaign_id": str(campaign_id),
+        "name": data.name,
+        "description": data.description,
+    }
+
+
+def campaign_body(
+    campaign_id: uuid.UUID, tenant: str, data: CampaignIn, now: datetime
+) -> dict[str, Any]:
+    """The 201's body."""
+    return {
+        "id": str(campaign_id),
+        "tenant_id": tenant,
+        "name": data.name,
+        "description": data.description,
+        "created_at": now.isoformat(),
+    }
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.pool = await asyncpg.create_pool(
@@ -86,16 +115,7 @@ def statement(text: str) -> Iterator[None]:
 async def create(data: CampaignIn, request: Request) -> dict[str, Any]:
     campaign_id, event_id = uuid.uuid4(), uuid.uuid4()
     now = datetime.now(UTC)
-    event = {
-        "event_id": str(event_id),
-        "event_type": "campaign.created",
-        "schema_version": 1,
-        "occurred_at": now.isoformat(),
-        "tenant_id": TENANT,
-        "campaign_id": str(campaign_id),
-        "name": data.name,
-        "description": data.description,
-    }
+    event = campaign_event(event_id, campaign_id, TENANT, data, now)
     async with request.app.state.pool.acquire() as connection, connection.transaction():
         with statement(INSERT):
             await connection.execute(
@@ -108,13 +128,7 @@ async def create(data: CampaignIn, request: Request) -> dict[str, Any]:
                 event_id,
                 json.dumps(event),
             )
-    return {
-        "id": str(campaign_id),
-        "tenant_id": TENANT,
-        "name": data.name,
-        "description": data.description,
-        "created_at": now.isoformat(),
-    }
+    return campaign_body(campaign_id, TENANT, data, now)
 
 
 @app.get("/campaigns")

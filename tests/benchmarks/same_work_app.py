@@ -34,9 +34,9 @@ from fastapi import FastAPI, HTTPException, Request
 from joserfc import jwt
 from joserfc.jwk import KeySet
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from pydantic import BaseModel, Field
 
 from shared.messaging import CAMPAIGNS_EXCHANGE
+from tests.benchmarks.bare_app import CampaignIn, campaign_body, campaign_event
 
 INSERT = (
     "WITH campaign AS (INSERT INTO campaigns (id, tenant_id, name, description, created_at) "
@@ -50,11 +50,6 @@ logger = logging.getLogger("same_work")
 _registry = CollectorRegistry()
 _created = Counter("campaigns_created", "", registry=_registry)
 _duration = Histogram("request_duration_seconds", "", registry=_registry)
-
-
-class CampaignIn(BaseModel):
-    name: str = Field(min_length=1, max_length=200)
-    description: str | None = Field(default=None, max_length=2000)
 
 
 class _JsonLines(logging.Formatter):
@@ -168,16 +163,7 @@ async def create(data: CampaignIn, request: Request) -> dict[str, Any]:
     tenant = state.tenant_of(request.headers.get("authorization"))
     campaign_id, event_id = uuid.uuid4(), uuid.uuid4()
     now = datetime.now(UTC)
-    event = {
-        "event_id": str(event_id),
-        "event_type": "campaign.created",
-        "schema_version": 1,
-        "occurred_at": now.isoformat(),
-        "tenant_id": tenant,
-        "campaign_id": str(campaign_id),
-        "name": data.name,
-        "description": data.description,
-    }
+    event = campaign_event(event_id, campaign_id, tenant, data, now)
     async with request.app.state.pool.acquire() as connection, connection.transaction():
         await connection.execute(
             INSERT,
@@ -199,13 +185,7 @@ async def create(data: CampaignIn, request: Request) -> dict[str, Any]:
     )
     _created.inc()
     _duration.observe(time.perf_counter() - started)
-    return {
-        "id": str(campaign_id),
-        "tenant_id": tenant,
-        "name": data.name,
-        "description": data.description,
-        "created_at": now.isoformat(),
-    }
+    return campaign_body(campaign_id, tenant, data, now)
 
 
 @app.get("/health")
