@@ -4,9 +4,12 @@ and in front of dead, slow, broken and saturated ones."""
 from __future__ import annotations
 
 import asyncio
+import importlib.abc
+import importlib.machinery
 import json
+import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
@@ -301,6 +304,40 @@ class TestForwarding:
 
         assert first == b"first;"
         assert rest == b"second"
+
+
+class ImportWatch(importlib.abc.MetaPathFinder):
+    """Notes every import that reaches the finders (one not already in ``sys.modules``)."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: object = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        self.names.append(fullname)
+        return None
+
+
+class TestEventLoop:
+    async def test_a_proxied_request_imports_nothing(self, echo: tuple[Echo, str]) -> None:
+        """An import at request time searches the file system on the event loop. httpcore asks
+        for sniffio several times a request; were it missing, each ask would be a failed
+        import, a path search of about 55 µs."""
+        _, url = echo
+        async with gateway(echo_routes(url)) as (client, _):
+            for _ in range(3):  # whatever loads lazily on first use has loaded
+                assert (await client.post("/api/echo/warm", content=b"{}")).status_code == 200
+            watch = ImportWatch()
+            sys.meta_path.insert(0, watch)
+            try:
+                for _ in range(3):
+                    response = await client.post("/api/echo/campaigns", content=b"{}")
+                    assert response.status_code == 200
+            finally:
+                sys.meta_path.remove(watch)
+
+        assert watch.names == []
 
 
 class TestEdge:
