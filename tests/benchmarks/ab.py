@@ -8,7 +8,9 @@ figure on these machines moves by a tenth from one run to the next).
 - ``drain`` (the default): the worker drains ``--events`` queued events; events/s.
 - ``post``, ``get``: campaign_service (each build's, started afresh each run; user_service of the
   working tree issues the token) under ``wrk`` for ``--seconds``, 32 connections, on POST or
-  GET /campaigns; requests/s. The outbox is drained and the tables vacuumed between runs.
+  GET /campaigns; requests/s, and the CPU the service (with its span export process) spent per
+  request, which moves less from run to run on a busy host than the rate does. The outbox is
+  drained and the tables vacuumed between runs.
 
 Tracing at 100% unless ``--env OTEL_SDK_DISABLED=true`` (or any other variable) says otherwise.
 Prints each run and the means, and writes them as JSON under benchmark-results/.
@@ -24,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from statistics import mean
+from statistics import mean, median
 from typing import Any
 
 from tests.benchmarks.harness import (
@@ -43,7 +45,7 @@ from tests.benchmarks.harness import (
     wait_http,
     write_results,
 )
-from tests.benchmarks.http import settle, token_for, wrk
+from tests.benchmarks.http import metered, settle, token_for, wrk
 from tests.support.processes import ROOT
 from tests.support.users import new_private_key_pem
 
@@ -80,23 +82,25 @@ async def _http(
     seconds: int,
     user_url: str,
     token: str,
-) -> float:
-    """One wrk run against a campaign_service of the build at ``root``."""
+) -> tuple[float, float]:
+    """One wrk run against a campaign_service of the build at ``root``: requests/s, and µs of
+    the service's CPU per request (until its relay has published what the run wrote)."""
     port = free_port()
     service = campaign_service(bench, name, port, user_url, cwd=root, **env)
     await service.start()
     try:
         await wait_http(f"http://127.0.0.1:{port}/ready")
-        result = await wrk(
-            f"http://127.0.0.1:{port}/campaigns", script, seconds=seconds, token=token
+        result = await metered(
+            bench,
+            service,
+            wrk(f"http://127.0.0.1:{port}/campaigns", script, seconds=seconds, token=token),
         )
         if result["non_2xx"] or result["socket_errors"]:
             raise RuntimeError(f"{name}: {result}")
-        await settle(bench)  # its relay publishes what the run wrote before it stops
+        await settle(bench)
     finally:
         await service.stop()
-    rate: float = result["requests_per_second"]
-    return rate
+    return result["requests_per_second"], result["cpu_us_per_request"]["app"]
 
 
 async def compare(
@@ -105,6 +109,7 @@ async def compare(
     results_dir = ROOT / "benchmark-results"
     builds = {base_name: base, "working tree": ROOT}
     rates: dict[str, list[float]] = {name: [] for name in builds}
+    cpu: dict[str, list[float]] = {name: [] for name in builds}  # HTTP runs: µs per request
     unit = UNITS[measure]
     async with bench_environment(results_dir) as bench, contextlib.AsyncExitStack() as stack:
         await declare_topology(bench)
@@ -135,11 +140,13 @@ async def compare(
                 if measure == "drain":
                     rate = await _drain(bench, run_name, root, env, size)
                 else:
-                    rate = await _http(
+                    rate, per_request = await _http(
                         bench, run_name, root, env, SCRIPTS[measure], size, user_url, token
                     )
+                    cpu[name].append(per_request)
                 rates[name].append(rate)
-                print(f"round {round_}: {name}: {rate:,.0f} {unit}", flush=True)
+                spent = f", {cpu[name][-1]:,.0f} µs CPU a request" if cpu[name] else ""
+                print(f"round {round_}: {name}: {rate:,.0f} {unit}{spent}", flush=True)
     means = {name: mean(values) for name, values in rates.items()}
     print()
     for name, values in rates.items():
@@ -147,8 +154,22 @@ async def compare(
         print(f"{name:>24}: mean {means[name]:,.0f} {unit} ({listed})")
     change = means["working tree"] / means[base_name] - 1
     print(f"{'change':>24}: {change:+.1%}")
+    if cpu[base_name]:
+        medians = {name: median(values) for name, values in cpu.items()}
+        for name, values in cpu.items():
+            listed = ", ".join(f"{value:,.0f}" for value in values)
+            print(f"{name:>24}: median {medians[name]:,.0f} µs CPU a request ({listed})")
+        cpu_change = medians["working tree"] / medians[base_name] - 1
+        print(f"{'change':>24}: {cpu_change:+.1%} CPU a request")
     results = {
-        "ab": {"base": base_name, "measure": measure, "size": size, "env": env, "rates": rates}
+        "ab": {
+            "base": base_name,
+            "measure": measure,
+            "size": size,
+            "env": env,
+            "rates": rates,
+            "cpu_us_per_request": cpu,
+        }
     }
     path = write_results(results_dir, results)
     print(f"results written to {path}")
