@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import httpx
+import httpx2
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CollectorRegistry
@@ -31,13 +31,13 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # One pooled client for every upstream: no connection set up per request.
-        client = httpx.AsyncClient(
-            timeout=httpx.Timeout(
+        client = httpx2.AsyncClient(
+            timeout=httpx2.Timeout(
                 settings.gateway_timeout_seconds,
                 connect=settings.gateway_connect_timeout_seconds,
                 pool=settings.gateway_pool_timeout_seconds,
             ),
-            limits=httpx.Limits(
+            limits=httpx2.Limits(
                 max_connections=settings.gateway_max_connections,
                 max_keepalive_connections=settings.gateway_max_keepalive_connections,
                 keepalive_expiry=settings.gateway_keepalive_expiry_seconds,

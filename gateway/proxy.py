@@ -15,7 +15,7 @@ import uuid
 from collections.abc import AsyncIterator
 from urllib.parse import quote_from_bytes, unquote
 
-import httpx
+import httpx2
 from fastapi import Request
 from opentelemetry import propagate
 from starlette.background import BackgroundTask
@@ -96,7 +96,7 @@ def _passes(name: bytes, drop: set[str]) -> bool:
 
 
 class Proxy:
-    def __init__(self, client: httpx.AsyncClient, routes: RouteTable, max_body_bytes: int) -> None:
+    def __init__(self, client: httpx2.AsyncClient, routes: RouteTable, max_body_bytes: int) -> None:
         self._client = client
         self._routes = routes
         self._max_body = max_body_bytes
@@ -157,10 +157,10 @@ class Proxy:
         # Path and query travel as the caller encoded them (bytes outside printable ASCII
         # percent-encoded).
         try:
-            url = httpx.URL(
+            url = httpx2.URL(
                 route.target(raw_path), query=url_part(request.scope["query_string"]).encode()
             )
-        except httpx.InvalidURL as exc:
+        except httpx2.InvalidURL as exc:
             raise BadRequest("The request's path or query is not a valid URL") from exc
         upstream_request = self._client.build_request(
             request.method,
@@ -170,11 +170,11 @@ class Proxy:
         )
         try:
             upstream = await self._client.send(upstream_request, stream=True)
-        except httpx.PoolTimeout as exc:
+        except httpx2.PoolTimeout as exc:
             raise ServiceUnavailable(f"No connection to {route.name} free in time") from exc
-        except httpx.TimeoutException as exc:
+        except httpx2.TimeoutException as exc:
             raise GatewayTimeout(f"{route.name} did not answer in time") from exc
-        except (httpx.TransportError, httpx.DecodingError) as exc:
+        except (httpx2.TransportError, httpx2.DecodingError) as exc:
             raise BadGateway(f"{route.name} is unreachable or broke the connection") from exc
 
         try:
@@ -183,7 +183,7 @@ class Proxy:
             await upstream.aclose()  # the connection goes back to the pool, not astray
             raise
 
-    def _respond(self, upstream: httpx.Response, route: Route, request_id: str) -> Response:
+    def _respond(self, upstream: httpx2.Response, route: Route, request_id: str) -> Response:
         raw = upstream.headers.raw
         drop = _hop_by_hop(raw) | {"x-request-id"}
         # Keep repeated headers (Set-Cookie) and the upstream's exact bytes.
@@ -206,6 +206,6 @@ def _public_location(route: Route, value: bytes) -> bytes:
     return route.public_location(value.decode("latin-1")).encode("latin-1")
 
 
-async def _relay(upstream: httpx.Response) -> AsyncIterator[bytes]:
+async def _relay(upstream: httpx2.Response) -> AsyncIterator[bytes]:
     async for chunk in upstream.aiter_raw():
         yield chunk

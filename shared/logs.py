@@ -130,4 +130,5 @@ def configure_logging(settings: CommonSettings) -> None:
         uvicorn_logger.handlers.clear()
         uvicorn_logger.propagate = True
     # One line per outgoing request (the gateway's, the JWKS fetch) would repeat the access log.
-    logging.getLogger("httpx").setLevel(max(root.level, logging.WARNING))
+    for client in ("httpx", "httpx2"):
+        logging.getLogger(client).setLevel(max(root.level, logging.WARNING))

@@ -7,6 +7,7 @@ import asyncio
 import importlib.abc
 import importlib.machinery
 import json
+import logging
 import sys
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -338,6 +339,18 @@ class TestEventLoop:
                 sys.meta_path.remove(watch)
 
         assert watch.names == []
+
+    async def test_a_proxied_request_logs_no_line_of_the_http_client(
+        self, echo: tuple[Echo, str], caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """The access line says it already: the client's own INFO line per request would
+        double the log and its cost."""
+        _, url = echo
+        with caplog.at_level(logging.INFO):
+            async with gateway(echo_routes(url)) as (client, _):
+                assert (await client.get("/api/echo/campaigns")).status_code == 200
+
+        assert [r.getMessage() for r in caplog.records if r.name.startswith("httpx")] == []
 
 
 class TestEdge:
