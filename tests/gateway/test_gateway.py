@@ -9,6 +9,7 @@ import importlib.machinery
 import json
 import logging
 import sys
+import threading
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -308,15 +309,18 @@ class TestForwarding:
 
 
 class ImportWatch(importlib.abc.MetaPathFinder):
-    """Notes every import that reaches the finders (one not already in ``sys.modules``)."""
+    """Notes every import made on this thread (the event loop's) that reaches the finders (one
+    not already in ``sys.modules``); other threads of the test process are not its business."""
 
     def __init__(self) -> None:
         self.names: list[str] = []
+        self._thread = threading.get_ident()
 
     def find_spec(
         self, fullname: str, path: Sequence[str] | None, target: object = None
     ) -> importlib.machinery.ModuleSpec | None:
-        self.names.append(fullname)
+        if threading.get_ident() == self._thread:
+            self.names.append(fullname)
         return None
 
 
