@@ -352,10 +352,9 @@ def campaign_service(
     )
 
 
-def uvicorn_args(app: str, port: int) -> list[str]:
-    return python(
-        "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port), "--no-access-log"
-    )
+def uvicorn_args(app: str, port: int, *, access_log: bool = False) -> list[str]:
+    args = ["-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port)]
+    return python(*args) if access_log else python(*args, "--no-access-log")
 
 
 async def wait_http(url: str, timeout: float = 30) -> None:

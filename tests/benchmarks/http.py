@@ -156,6 +156,25 @@ async def metered(
     return result
 
 
+async def same_work_post(bench: Bench, user_url: str, token: str) -> dict[str, Any]:
+    """A second limit for POST /campaigns: the service's work for a campaign on bare libraries
+    (tests/benchmarks/same_work_app.py), untraced, with uvicorn's access line as the service."""
+    port = free_port()
+    app = Process(
+        "same_work_app",
+        uvicorn_args("tests.benchmarks.same_work_app:app", port, access_log=True),
+        bench.env(JWT_JWKS_URL=f"{user_url}/.well-known/jwks.json"),
+        bench.logs,
+    )
+    await app.start()
+    try:
+        await wait_http(f"http://127.0.0.1:{port}/health")
+        url = f"http://127.0.0.1:{port}/campaigns"
+        return await metered(bench, app, wrk(url, "post_campaign.lua", token=token))
+    finally:
+        await app.stop()
+
+
 async def run(bench: Bench) -> dict[str, Any]:
     results: dict[str, Any] = {}
     await declare_topology(bench)
@@ -276,52 +295,25 @@ async def run(bench: Bench) -> dict[str, Any]:
     await user.start()  # the token's keys, from its JWKS
     try:
         await wait_http(f"{user_url}/health")
-        # A second limit: the service's work for a campaign, on bare libraries, untraced.
-        same_work_port = free_port()
-        same_work = Process(
-            "same_work_app",
-            python(
-                "-m",
-                "uvicorn",
-                "tests.benchmarks.same_work_app:app",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(same_work_port),
-            ),
-            bench.env(JWT_JWKS_URL=f"{user_url}/.well-known/jwks.json"),
-            bench.logs,
-        )
-        await same_work.start()
+        results["same_work_post"] = await same_work_post(bench, user_url, token)
+        await settle(bench)
+        await untraced.start()
         try:
-            await wait_http(f"http://127.0.0.1:{same_work_port}/health")
-            results["same_work_post"] = await metered(
+            await wait_http(f"{campaigns_url}/ready")
+            results["untraced_post"] = await metered(
                 bench,
-                same_work,
-                wrk(
-                    f"http://127.0.0.1:{same_work_port}/campaigns",
-                    "post_campaign.lua",
-                    token=token,
-                ),
+                untraced,
+                wrk(f"{campaigns_url}/campaigns", "post_campaign.lua", token=token),
+            )
+            await settle(bench)
+            results["untraced_get"] = await metered(
+                bench,
+                untraced,
+                wrk(f"{campaigns_url}/campaigns", "get_campaigns.lua", token=token),
             )
         finally:
-            await same_work.stop()
-        await settle(bench)
-    except BaseException:
-        await user.stop()
-        raise
-    await untraced.start()
-    try:
-        await wait_http(f"{campaigns_url}/ready")
-        results["untraced_post"] = await metered(
-            bench, untraced, wrk(f"{campaigns_url}/campaigns", "post_campaign.lua", token=token)
-        )
-        await settle(bench)
-        results["untraced_get"] = await metered(
-            bench, untraced, wrk(f"{campaigns_url}/campaigns", "get_campaigns.lua", token=token)
-        )
+            await untraced.stop()
     finally:
-        await untraced.stop()
         await user.stop()
 
     def row(name: str, key: str, reference: str | None = None) -> dict[str, Any]:
