@@ -18,6 +18,10 @@ def main() -> None:
         freeze_once_started(create_app(settings)),
         host=settings.worker_metrics_host,
         port=settings.worker_metrics_port,
+        # One process: uvicorn would otherwise take WEB_CONCURRENCY from the environment and,
+        # given an app object rather than an import string, exit. Workers scale as processes
+        # or replicas of their own, competing for the queue.
+        workers=1,
         log_config=None,
         access_log=False,
         server_header=False,

@@ -168,6 +168,27 @@ class TestCompetingConsumers:
         assert all(share > 0 for share in shares), shares
 
 
+class TestEnvironment:
+    async def test_web_concurrency_in_the_environment_leaves_one_worker_serving(
+        self,
+        start_worker: WorkerFactory,
+        campaign_client: httpx.AsyncClient,
+        headers: dict[str, str],
+        amqp_url: str,
+    ) -> None:
+        """uvicorn reads WEB_CONCURRENCY, which platforms set for web servers; the worker
+        runs one process whatever it says."""
+        worker = start_worker(WEB_CONCURRENCY="2")
+        await worker.start()
+        await worker.wait_ready()
+
+        campaign = await create_campaign(campaign_client, headers, "one process")
+        jobs = await wait_for_jobs(campaign_client, headers, campaign["id"], timeout=20)
+
+        assert steps(jobs) == [("success", 1)]
+        assert await consumers(amqp_url, "worker.campaign.created") == 1
+
+
 def through(proxy: TcpProxy, database_url: str) -> str:
     parts = urlsplit(database_url)
     netloc = f"{parts.username}@127.0.0.1:{proxy.port}"
