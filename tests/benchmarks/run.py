@@ -1,8 +1,9 @@
-"""The benchmark suite: ./scripts/benchmark [--only drain,latency,http,tracing,database]
+"""The benchmark suite: ./scripts/benchmark [--only host,drain,latency,http,tracing,database]
 
 Prints each measurement as a table and writes them all as JSON under benchmark-results/.
 Every figure that has a target is a ratio against a limit measured in the same run (a bare
-loop, a bare endpoint), so the noise of the machine cancels out.
+loop, a bare endpoint), so the noise of the machine cancels out. Every run starts by measuring
+what one round trip between two processes costs on this machine (``host``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.benchmarks import database, drain, http, latency
+from tests.benchmarks import database, drain, host, http, latency
 from tests.benchmarks.harness import bench_environment, write_results
 from tests.benchmarks.report import machine, table
 
@@ -23,7 +24,11 @@ ALL = ("drain", "latency", "http", "tracing", "database")
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--only", default=",".join(ALL), help="comma-separated: " + ",".join(ALL))
+    parser.add_argument(
+        "--only",
+        default=",".join(ALL),
+        help="comma-separated: " + ",".join(ALL) + " (the round trips, host, always run)",
+    )
     parser.add_argument("--events", type=int, default=20_000, help="events for the drain run")
     parser.add_argument(
         "--rates",
@@ -34,9 +39,17 @@ async def main() -> None:
     parser.add_argument("--results", type=Path, default=Path("benchmark-results"))
     args = parser.parse_args()
     wanted = set(args.only.split(","))
+    unknown = wanted - {*ALL, "host"}
+    if unknown:
+        parser.error(f"--only: no such measurement {', '.join(sorted(unknown))}")
     results: dict[str, Any] = {"machine": machine(), "python": platform.python_version()}
     started = time.monotonic()
     async with bench_environment(args.results) as bench:
+        # Always: what the figures below are made of, on this machine.
+        results["round_trips"] = await host.run(bench)
+        print(
+            table("This machine: one round trip between processes", results["round_trips"]["table"])
+        )
         if "drain" in wanted:
             results["drain"] = await drain.run(bench, events=args.events)
             print(table("Worker drain rate", results["drain"]["table"]))
