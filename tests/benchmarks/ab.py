@@ -5,7 +5,8 @@ run of each in turn, ``--rounds`` times, on one database and vhost: both builds 
 machine, so a change's effect shows even when the machine's speed drifts between runs (a single
 figure on these machines moves by a tenth from one run to the next).
 
-- ``drain`` (the default): the worker drains ``--events`` queued events; events/s.
+- ``drain`` (the default): the worker drains ``--events`` queued events; events/s, and the CPU
+  the worker (with its span export process) spent per event from its first row on.
 - ``post``, ``get``: campaign_service (each build's, started afresh each run; user_service of the
   working tree issues the token) under ``wrk`` for ``--seconds``, 32 connections, on POST or
   GET /campaigns; requests/s, and the CPU the service (with its span export process) spent per
@@ -31,6 +32,7 @@ from typing import Any
 
 from tests.benchmarks.harness import (
     Bench,
+    CpuMeter,
     Process,
     bench_environment,
     campaign_service,
@@ -40,6 +42,7 @@ from tests.benchmarks.harness import (
     purge_worker_queue,
     queue_events,
     seed_campaigns,
+    success_rows,
     truncate_logs,
     wait_for_rows,
     wait_http,
@@ -53,7 +56,12 @@ UNITS = {"drain": "events/s", "post": "requests/s", "get": "requests/s"}
 SCRIPTS = {"post": "post_campaign.lua", "get": "get_campaigns.lua"}
 
 
-async def _drain(bench: Bench, name: str, root: Path, env: dict[str, str], events: int) -> float:
+async def _drain(
+    bench: Bench, name: str, root: Path, env: dict[str, str], events: int
+) -> tuple[float, float]:
+    """One worker of the build at ``root`` draining ``events`` queued events: events/s, and µs
+    of the worker's CPU (with its span export process) per event, from its first row on (its
+    start-up is not the drain's)."""
     await truncate_logs(bench)
     await purge_worker_queue(bench)
     await queue_events(bench, await seed_campaigns(bench, events))
@@ -66,11 +74,16 @@ async def _drain(bench: Bench, name: str, root: Path, env: dict[str, str], event
     )
     await worker.start()
     try:
+        await wait_for_rows(bench, 1, timeout=120)
+        meter = CpuMeter({"worker": worker.pids})
+        meter.start()
+        before = await success_rows(bench)
         await wait_for_rows(bench, events, timeout=max(120, events / 100))
+        spent, _ = meter.stop()
         seconds = await processing_window(bench)
     finally:
         await worker.stop()
-    return events / seconds
+    return events / seconds, 1e6 * spent["worker"] / max(events - before, 1)
 
 
 async def _http(
@@ -109,8 +122,9 @@ async def compare(
     results_dir = ROOT / "benchmark-results"
     builds = {base_name: base, "working tree": ROOT}
     rates: dict[str, list[float]] = {name: [] for name in builds}
-    cpu: dict[str, list[float]] = {name: [] for name in builds}  # HTTP runs: µs per request
+    cpu: dict[str, list[float]] = {name: [] for name in builds}  # µs per event or request
     unit = UNITS[measure]
+    per = "an event" if measure == "drain" else "a request"
     async with bench_environment(results_dir) as bench, contextlib.AsyncExitStack() as stack:
         await declare_topology(bench)
         user_url = token = ""  # the HTTP runs' user_service, and the token it issued
@@ -138,15 +152,15 @@ async def compare(
             for name, root in builds.items():
                 run_name = f"ab-{measure}-{len(rates[name])}"
                 if measure == "drain":
-                    rate = await _drain(bench, run_name, root, env, size)
+                    rate, per_item = await _drain(bench, run_name, root, env, size)
                 else:
-                    rate, per_request = await _http(
+                    rate, per_item = await _http(
                         bench, run_name, root, env, SCRIPTS[measure], size, user_url, token
                     )
-                    cpu[name].append(per_request)
+                cpu[name].append(per_item)
                 rates[name].append(rate)
-                spent = f", {cpu[name][-1]:,.0f} µs CPU a request" if cpu[name] else ""
-                print(f"round {round_}: {name}: {rate:,.0f} {unit}{spent}", flush=True)
+                spent = f"{cpu[name][-1]:,.0f} µs CPU {per}"
+                print(f"round {round_}: {name}: {rate:,.0f} {unit}, {spent}", flush=True)
     means = {name: mean(values) for name, values in rates.items()}
     print()
     for name, values in rates.items():
@@ -154,13 +168,12 @@ async def compare(
         print(f"{name:>24}: mean {means[name]:,.0f} {unit} ({listed})")
     change = means["working tree"] / means[base_name] - 1
     print(f"{'change':>24}: {change:+.1%}")
-    if cpu[base_name]:
-        medians = {name: median(values) for name, values in cpu.items()}
-        for name, values in cpu.items():
-            listed = ", ".join(f"{value:,.0f}" for value in values)
-            print(f"{name:>24}: median {medians[name]:,.0f} µs CPU a request ({listed})")
-        cpu_change = medians["working tree"] / medians[base_name] - 1
-        print(f"{'change':>24}: {cpu_change:+.1%} CPU a request")
+    medians = {name: median(values) for name, values in cpu.items()}
+    for name, values in cpu.items():
+        listed = ", ".join(f"{value:,.0f}" for value in values)
+        print(f"{name:>24}: median {medians[name]:,.0f} µs CPU {per} ({listed})")
+    cpu_change = medians["working tree"] / medians[base_name] - 1
+    print(f"{'change':>24}: {cpu_change:+.1%} CPU {per}")
     results = {
         "ab": {
             "base": base_name,
@@ -168,7 +181,7 @@ async def compare(
             "size": size,
             "env": env,
             "rates": rates,
-            "cpu_us_per_request": cpu,
+            "cpu_us_per_item": cpu,  # per event (drain) or per request (post, get)
         }
     }
     path = write_results(results_dir, results)
