@@ -14,18 +14,16 @@ models suggest. Results from two machines compare only alongside these rows.
 from __future__ import annotations
 
 import asyncio
-import os
 import resource
 import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import asyncpg
 
-from tests.benchmarks.harness import Bench
+from tests.benchmarks.harness import Bench, CpuMeter
 
 _ECHO = (
     "import socket, sys\n"
@@ -33,7 +31,6 @@ _ECHO = (
     "while (data := s.recv(64)):\n"
     "    s.sendall(data)\n"
 )
-_TICK_SECONDS = 1 / os.sysconf("SC_CLK_TCK")
 
 
 def _thread_cpu() -> float:
@@ -41,22 +38,13 @@ def _thread_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _process_cpu(pid: int) -> float | None:
-    """CPU seconds of another process (clock-tick resolution), None if it cannot be read."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) * _TICK_SECONDS
-
-
-def _row(way: str, count: int, wall: float, client: float, server: float | None) -> dict[str, Any]:
+def _row(way: str, count: int, wall: float, client: float, server: float) -> dict[str, Any]:
     return {
         "round trip": way,
         "count": count,
         "wall µs": round(1e6 * wall / count, 1),
         "client CPU µs": round(1e6 * client / count, 1),
-        "server CPU µs": None if server is None else round(1e6 * server / count, 1),
+        "server CPU µs": round(1e6 * server / count, 1),
     }
 
 
@@ -69,25 +57,26 @@ def socket_pair(count: int = 20_000) -> dict[str, Any]:
     try:
         mine.sendall(b"x")  # the child is up and has answered once
         mine.recv(64)
-        child_before = _process_cpu(child.pid)
+        meter = CpuMeter({"server": lambda: [child.pid]})
+        meter.start()
         cpu, started = _thread_cpu(), time.perf_counter()
         for _ in range(count):
             mine.sendall(b"x")
             mine.recv(64)
         wall, client = time.perf_counter() - started, _thread_cpu() - cpu
-        child_after = _process_cpu(child.pid)
+        spent, _ = meter.stop()
     finally:
         mine.close()
         child.wait(10)
-    server = None if child_before is None or child_after is None else child_after - child_before
-    return _row("socket pair, blocking (two processes)", count, wall, client, server)
+    return _row("socket pair, blocking (two processes)", count, wall, client, spent["server"])
 
 
 async def select_one(bench: Bench, count: int, pause: float) -> dict[str, Any]:
     connection = await asyncpg.connect(bench.dsn)
     try:
-        backend = await connection.fetchval("SELECT pg_backend_pid()")
-        server_before = _process_cpu(backend)
+        backend: int = await connection.fetchval("SELECT pg_backend_pid()")
+        meter = CpuMeter({"server": lambda: [backend]})
+        meter.start()
         cpu, started, busy = _thread_cpu(), time.perf_counter(), 0.0
         for _ in range(count):
             if pause:
@@ -100,12 +89,11 @@ async def select_one(bench: Bench, count: int, pause: float) -> dict[str, Any]:
             client -= await _sleeping_cpu(count, pause)
         else:
             busy = time.perf_counter() - started
-        server_after = _process_cpu(backend)
+        spent, _ = meter.stop()
     finally:
         await connection.close()
-    server = None if server_before is None or server_after is None else server_after - server_before
     how = f"one every {pause * 1000:g} ms" if pause else "back to back"
-    return _row(f"asyncpg SELECT 1, {how}", count, busy, client, server)
+    return _row(f"asyncpg SELECT 1, {how}", count, busy, client, spent["server"])
 
 
 async def _sleeping_cpu(count: int, pause: float) -> float:
@@ -117,7 +105,8 @@ async def _sleeping_cpu(count: int, pause: float) -> float:
 
 async def run(bench: Bench) -> dict[str, Any]:
     rows = [
-        socket_pair(),
+        # Blocking calls, so on a thread of their own (whose CPU is the client's).
+        await asyncio.to_thread(socket_pair),
         await select_one(bench, 5_000, pause=0),
         await select_one(bench, 1_000, pause=0.002),
     ]

@@ -27,7 +27,7 @@ async def main() -> None:
     parser.add_argument(
         "--only",
         default=",".join(ALL),
-        help="comma-separated: " + ",".join(ALL) + " (the round trips, host, always run)",
+        help="comma-separated, of: " + ",".join(ALL) + "; the round trips (host) always run first",
     )
     parser.add_argument("--events", type=int, default=20_000, help="events for the drain run")
     parser.add_argument(
