@@ -12,6 +12,7 @@ import logging
 import sys
 from contextvars import ContextVar
 from datetime import UTC, datetime
+from itertools import islice
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
@@ -25,6 +26,8 @@ _RECORD_ATTRIBUTES = frozenset(
     vars(logging.LogRecord("", 0, "", 0, "", None, None)).keys()
     | {"message", "asctime", "taskName", "color_message"}
 )
+# A record's own attributes come first in its __dict__, ``extra=`` after them (makeRecord).
+_OWN_ATTRIBUTE_COUNT = len(vars(logging.LogRecord("", 0, "", 0, "", None, None)))
 _UVICORN_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access")
 _HANDLER_NAME = "campaign-platform-json"
 _context: ContextVar[dict[str, Any]] = ContextVar("log_context", default={})  # noqa: B039
@@ -79,7 +82,7 @@ class JsonFormatter(logging.Formatter):
         line.update(_context.get())
         if record.name == "uvicorn.access" and isinstance(record.args, tuple):
             line.update(_access_fields(record.args))
-        for key, value in vars(record).items():
+        for key, value in islice(vars(record).items(), _OWN_ATTRIBUTE_COUNT, None):
             if key not in _RECORD_ATTRIBUTES and not key.startswith("_"):
                 line[key] = value
         if record.exc_info:

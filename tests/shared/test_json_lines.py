@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from datetime import UTC, datetime
@@ -75,3 +76,30 @@ class TestJsonLines:
 
         assert "Café ✓" in line
         assert json.loads(line)["name_of"] == "Café ✓"
+
+    def test_extras_of_a_logger_call_after_another_handler_formatted_the_record(self) -> None:
+        # A test runner's handler formats first and leaves ``message`` and ``asctime`` on the
+        # record: they are not the call's extras.
+        first, ours = io.StringIO(), io.StringIO()
+        plain = logging.StreamHandler(first)
+        plain.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        json_lines = logging.StreamHandler(ours)
+        json_lines.setFormatter(JsonFormatter("worker"))
+        logger = logging.getLogger("tests.json_lines.extras")
+        logger.propagate = False
+        logger.handlers[:] = [plain, json_lines]
+        try:
+            logger.warning("campaign %s", "late", extra={"campaign_id": "c-1", "attempt": 3})
+        finally:
+            logger.handlers.clear()
+
+        line = json.loads(ours.getvalue())
+        assert "campaign late" in first.getvalue()
+        assert {k: v for k, v in line.items() if k != "timestamp"} == {
+            "level": "WARNING",
+            "service": "worker",
+            "logger": "tests.json_lines.extras",
+            "message": "campaign late",
+            "campaign_id": "c-1",
+            "attempt": 3,
+        }
