@@ -31,6 +31,12 @@ async def main() -> None:
     )
     parser.add_argument("--events", type=int, default=20_000, help="events for the drain run")
     parser.add_argument(
+        "--drain-rounds",
+        type=int,
+        default=3,
+        help="rounds of the batched loop then the worker, back to back, for the drain ratio",
+    )
+    parser.add_argument(
         "--rates",
         default="50,100,150,200",
         help="comma-separated offered rates (POST /campaigns per second) for the latency runs",
@@ -40,6 +46,8 @@ async def main() -> None:
     args = parser.parse_args()
     wanted = set(args.only.split(","))
     unknown = wanted - {*ALL, "host"}
+    if args.drain_rounds < 1:
+        parser.error("--drain-rounds: at least 1")
     if unknown:
         parser.error(f"--only: no such measurement {', '.join(sorted(unknown))}")
     results: dict[str, Any] = {"machine": machine(), "python": platform.python_version()}
@@ -51,8 +59,14 @@ async def main() -> None:
             table("This machine: one round trip between processes", results["round_trips"]["table"])
         )
         if "drain" in wanted:
-            results["drain"] = await drain.run(bench, events=args.events)
+            results["drain"] = await drain.run(bench, events=args.events, rounds=args.drain_rounds)
             print(table("Worker drain rate", results["drain"]["table"]))
+            print(
+                table(
+                    "The worker against the batched loop, round by round",
+                    results["drain"]["rounds_table"],
+                )
+            )
         if "latency" in wanted:
             results["latency"] = await latency.run(
                 bench, rates=[int(rate) for rate in args.rates.split(",")], seconds=args.seconds
