@@ -11,7 +11,13 @@ does a fraction of the work per message and the broker gets one ack a batch; whe
 is a single delivery, handled at once.
 
 The queue object comes from the broker (FastStream's connection and channel, aio-pika
-underneath); aio-pika's robust channel restores the consumer after a reconnect.
+underneath). The consumer itself is registered on the AMQP channel under it (aiormq's), whose
+deliveries become :class:`~worker.delivery.Message` objects: aio-pika's own consumer builds a
+heavier message object and a task per delivery (``worker/delivery.py`` says what that cost).
+So the consumer's recovery is this module's: when aio-pika's robust channel reopens (a
+reconnect, or a channel the broker closed) it has declared the queue again, and the consumer
+consumes again on the new channel; when the broker cancels the consumer (its queue deleted),
+the consumer closes its channel, so that aio-pika reopens it and declares the queue again.
 """
 
 from __future__ import annotations
@@ -20,15 +26,19 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
-from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import AbstractQueue, AbstractRobustChannel
+from aiormq.abc import AbstractChannel, DeliveredMessage
+from pamqp.commands import Basic
+
+from worker.delivery import Message
 
 logger = logging.getLogger(__name__)
 
-Delivery = AbstractIncomingMessage
-Handler = Callable[[list[Delivery]], Awaitable[None]]
+Handler = Callable[[list[Message]], Awaitable[None]]
 # Gives deliveries back to the queue; ``failed`` ones spend a delivery (basic.reject).
-Requeue = Callable[[list[Delivery], bool], Awaitable[None]]
+Requeue = Callable[[list[Message], bool], Awaitable[None]]
 
 
 _CANCEL_SECONDS = 5.0
@@ -39,30 +49,72 @@ class BatchConsumer:
         self._handle = handle
         self._requeue = requeue
         self._max_batch = max_batch
-        self._buffer: asyncio.Queue[Delivery] = asyncio.Queue()
+        self._buffer: asyncio.Queue[Message] = asyncio.Queue()
         self._queue: AbstractQueue | None = None
+        self._channel: AbstractChannel | None = None
         self._consumer_tag: str | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._closing = False
         self._busy = False
+        self._background: set[asyncio.Task[Any]] = set()
 
     @property
     def running(self) -> bool:
         """Attached to the queue, on an open channel."""
         return (
             self._consumer_tag is not None
-            and self._queue is not None
-            and not self._queue.channel.is_closed
+            and self._channel is not None
+            and not self._channel.is_closed
         )
 
     async def start(self, queue: AbstractQueue) -> None:
+        """Consume ``queue``, a queue of a robust channel (FastStream's, and any of
+        ``aio_pika.connect_robust``): the consumer comes back when the channel does."""
+        if not isinstance(queue.channel, AbstractRobustChannel):
+            raise TypeError("the consumer needs a queue on a robust channel, to consume again")
         self._queue = queue
         if self._loop_task is None:
             self._loop_task = asyncio.create_task(self._loop(), name="worker-batches")
-        self._consumer_tag = await queue.consume(self._receive)
+        queue.channel.reopen_callbacks.add(self._on_reopen)
+        await self._consume()
 
-    async def _receive(self, delivery: Delivery) -> None:
-        self._buffer.put_nowait(delivery)
+    async def _consume(self) -> None:
+        """Consume the queue on the AMQP channel under the queue's (aio-pika) channel."""
+        assert self._queue is not None
+        channel = await self._queue.channel.get_underlay_channel()
+        channel.on_consumer_cancel_callbacks.add(self._on_cancel)
+        self._channel = channel
+        consume_ok = await channel.basic_consume(self._queue.name, self._receive)
+        self._consumer_tag = consume_ok.consumer_tag
+
+    async def _on_reopen(self, *_: Any) -> None:
+        """aio-pika has reopened the channel (a reconnect; the queue is declared again)."""
+        if self._closing:
+            return
+        self._consumer_tag = None
+        try:
+            await self._consume()
+        except Exception:
+            # The channel closed again meanwhile: its next reopening consumes.
+            logger.exception("could not consume again after the channel reopened")
+
+    async def _on_cancel(self, frame: Basic.Cancel) -> None:
+        """The broker cancelled the consumer (its queue was deleted): close the channel, so
+        that aio-pika's robust channel opens a new one, declares the queue again and the
+        consumer consumes again (:meth:`_on_reopen`). Deliveries in hand cannot be settled on
+        the new channel; the broker delivers them again."""
+        channel = self._channel
+        if self._closing or frame.consumer_tag != self._consumer_tag or channel is None:
+            return
+        logger.warning("the broker cancelled the consumer; consuming again on a new channel")
+        self._consumer_tag = None
+        # Not awaited here: this runs in the channel's frame reader, which the close waits on.
+        closing = asyncio.create_task(channel.close(), name="worker-channel-close")
+        self._background.add(closing)
+        closing.add_done_callback(self._background.discard)
+
+    async def _receive(self, message: DeliveredMessage) -> None:
+        self._buffer.put_nowait(Message(message))
 
     async def _loop(self) -> None:
         while not self._closing:
@@ -85,14 +137,15 @@ class BatchConsumer:
         seconds), then give back the deliveries still waiting. A batch still running after the
         grace period is cancelled: its unsettled deliveries return when the channel closes."""
         self._closing = True
-        if self._queue is not None and self._consumer_tag is not None:
-            tag, self._consumer_tag = self._consumer_tag, None
-            # A closed channel has no consumer to cancel, and during an outage aio-pika would
-            # wait for the reconnection: do not let the stop wait on the broker.
-            if not self._queue.channel.is_closed:
-                with contextlib.suppress(Exception):
-                    async with asyncio.timeout(_CANCEL_SECONDS):
-                        await self._queue.cancel(tag)
+        if self._queue is not None and isinstance(self._queue.channel, AbstractRobustChannel):
+            self._queue.channel.reopen_callbacks.discard(self._on_reopen)
+        channel, tag, self._consumer_tag = self._channel, self._consumer_tag, None
+        # A closed channel has no consumer to cancel: do not let the stop wait on the broker.
+        if channel is not None and tag is not None and not channel.is_closed:
+            channel.on_consumer_cancel_callbacks.discard(self._on_cancel)
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(_CANCEL_SECONDS):
+                    await channel.basic_cancel(tag)
         task, self._loop_task = self._loop_task, None
         if task is None:
             return

@@ -37,7 +37,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from aio_pika.abc import AbstractIncomingMessage
 from aio_pika.exceptions import ChannelInvalidStateError
 from faststream.opentelemetry.consts import MESSAGING_DESTINATION_PUBLISH_NAME
 from faststream.rabbit import RabbitBroker
@@ -60,6 +59,7 @@ from shared.messaging import (
 )
 from shared.models import JobStatus
 from shared.telemetry import context_from
+from worker.delivery import Message
 from worker.metrics import Outcome, WorkerMetrics
 from worker.settings import WorkerSettings
 from worker.simulation import execute
@@ -88,7 +88,7 @@ def describe(error: BaseException) -> tuple[str, str]:
     return type(error).__name__, str(error)[:_ERROR_MESSAGE_LIMIT]
 
 
-def _process_span(message: AbstractIncomingMessage) -> trace.Span:
+def _process_span(message: Message) -> trace.Span:
     """The delivery's process span, named and described as FastStream's telemetry names its
     own (``<exchange>.<routing key> process``), in the trace the publisher started."""
     exchange = message.exchange or "default"
@@ -115,7 +115,7 @@ def _process_span(message: AbstractIncomingMessage) -> trace.Span:
 class _Delivery:
     """One delivery of the batch, its span and, once decided, how it is settled."""
 
-    message: AbstractIncomingMessage
+    message: Message
     span: trace.Span
     attempt: int
     event: CampaignCreated | None = None
@@ -158,7 +158,7 @@ class CampaignProcessor:
         self._stopping = stopping
         self._slots = asyncio.Semaphore(settings.concurrency)
 
-    async def handle_batch(self, messages: Sequence[AbstractIncomingMessage]) -> None:
+    async def handle_batch(self, messages: Sequence[Message]) -> None:
         started = time.perf_counter()
         batch = [
             _Delivery(message, _process_span(message), attempt_of(message.headers))
@@ -176,7 +176,7 @@ class CampaignProcessor:
                 except Exception:  # settled already: nothing here may give it back again
                     logger.exception("could not log, count or end the span of a delivery")
 
-    async def requeue(self, messages: Sequence[AbstractIncomingMessage], failed: bool) -> None:
+    async def requeue(self, messages: Sequence[Message], failed: bool) -> None:
         """Give back deliveries no batch settled: prefetched ones when the worker stops, or
         those of a batch that failed outside :meth:`handle_batch`'s own handling (``failed``)."""
         reason = "unexpected error" if failed else "worker stopping"
@@ -476,7 +476,7 @@ async def _ack_all(batch: list[_Delivery]) -> None:
     """Acknowledge the batch's remaining deliveries: one ``basic.ack(multiple=True)`` per
     channel (after a reconnect a batch can hold deliveries of the channel that closed, whose
     acks cannot be sent: the broker redelivers those)."""
-    last: dict[int, AbstractIncomingMessage] = {}
+    last: dict[int, Message] = {}
     for delivery in batch:
         delivery.settled = True
         message = delivery.message
@@ -495,7 +495,7 @@ async def _ack_all(batch: list[_Delivery]) -> None:
             )
 
 
-async def _give_back(message: AbstractIncomingMessage, reason: str, *, failed: bool) -> None:
+async def _give_back(message: Message, reason: str, *, failed: bool) -> None:
     """Give a delivery back to the queue. RabbitMQ (4.3 and later) counts a ``reject``
     against the quorum queue's delivery limit and a ``nack`` not: a message handed back by a
     stopping worker keeps its deliveries, one that failed spends one."""

@@ -328,20 +328,19 @@ class TestUnexpectedError:
         rabbit_admin: RabbitAdmin,
         vhost: str,
     ) -> None:
-        from aio_pika import IncomingMessage
-
+        from worker.delivery import Message
         from worker.store import JobLogStore
 
         rejected: list[bool] = []
-        reject = IncomingMessage.reject
+        reject = Message.reject
 
-        async def spy_reject(message: IncomingMessage, requeue: bool = False) -> None:
+        async def spy_reject(message: Message, requeue: bool = False) -> None:
             rejected.append(requeue)
             await reject(message, requeue=requeue)
 
         broken, _ = failing_once(JobLogStore.standings, "a bug in the worker")
         monkeypatch.setattr(JobLogStore, "standings", broken)
-        monkeypatch.setattr(IncomingMessage, "reject", spy_reject)
+        monkeypatch.setattr(Message, "reject", spy_reject)
         worker = create_worker_app(make_worker_settings(database_url, amqp_url))
         async with worker.router.lifespan_context(worker):
             await wait_ready(worker)
