@@ -82,6 +82,8 @@ class BatchConsumer:
         """Consume the queue on the AMQP channel under the queue's (aio-pika) channel."""
         assert self._queue is not None
         channel = await self._queue.channel.get_underlay_channel()
+        if channel is self._channel and self.running:
+            return  # reopened while start() was consuming: already on this channel
         channel.on_consumer_cancel_callbacks.add(self._on_cancel)
         self._channel = channel
         consume_ok = await channel.basic_consume(self._queue.name, self._receive)
