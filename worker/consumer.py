@@ -54,6 +54,7 @@ class BatchConsumer:
         self._channel: AbstractChannel | None = None
         self._consumer_tag: str | None = None
         self._loop_task: asyncio.Task[None] | None = None
+        self._consuming = asyncio.Lock()  # one basic.consume at a time: start() and a reopen
         self._closing = False
         self._busy = False
         self._background: set[asyncio.Task[Any]] = set()
@@ -81,19 +82,19 @@ class BatchConsumer:
     async def _consume(self) -> None:
         """Consume the queue on the AMQP channel under the queue's (aio-pika) channel."""
         assert self._queue is not None
-        channel = await self._queue.channel.get_underlay_channel()
-        if channel is self._channel and self.running:
-            return  # reopened while start() was consuming: already on this channel
-        channel.on_consumer_cancel_callbacks.add(self._on_cancel)
-        self._channel = channel
-        consume_ok = await channel.basic_consume(self._queue.name, self._receive)
-        self._consumer_tag = consume_ok.consumer_tag
+        async with self._consuming:
+            channel = await self._queue.channel.get_underlay_channel()
+            if channel is self._channel and self.running:
+                return  # reopened while start() was consuming: already on this channel
+            channel.on_consumer_cancel_callbacks.add(self._on_cancel)
+            self._channel = channel
+            consume_ok = await channel.basic_consume(self._queue.name, self._receive)
+            self._consumer_tag = consume_ok.consumer_tag
 
     async def _on_reopen(self, *_: Any) -> None:
         """aio-pika has reopened the channel (a reconnect; the queue is declared again)."""
         if self._closing:
             return
-        self._consumer_tag = None
         try:
             await self._consume()
         except Exception:

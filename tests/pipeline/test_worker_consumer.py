@@ -152,3 +152,28 @@ class TestMessages:
             redelivered = await again.get(no_ack=True, fail=False)
         assert redelivered is not None
         assert (redelivered.body, redelivered.redelivered) == (b"held", True)
+
+
+class TestConsuming:
+    async def test_starts_at_once_on_one_channel_make_one_consumer(self, amqp_url: str) -> None:
+        # A reopened channel consumes again while start() may still be consuming on it; two
+        # consumers on one channel would take twice the prefetch and settle out of order.
+        received = Received()
+        connection = await aio_pika.connect_robust(amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            queue = await channel.declare_queue("consumer-test", durable=True)
+            consumer = BatchConsumer(received.ack_twice, requeue=received.requeue, max_batch=10)
+            await asyncio.gather(consumer.start(queue), consumer.start(queue))
+            try:
+                async with await aio_pika.connect(amqp_url) as check:
+                    declared = await (await check.channel()).declare_queue(
+                        "consumer-test", passive=True
+                    )
+                await publish(amqp_url, aio_pika.Message(b"once"))
+                await eventually(received.count, until=lambda n: n == 1, what="the delivery")
+            finally:
+                await consumer.stop(graceful_timeout=5)
+
+        assert declared.declaration_result.consumer_count == 1
+        assert [m.body for m in received.messages] == [b"once"]
