@@ -83,11 +83,14 @@ class BatchConsumer:
         """Consume the queue on the AMQP channel under the queue's (aio-pika) channel."""
         assert self._queue is not None
         async with self._consuming:
+            if self._closing:
+                return  # stop() came first: it cancels no consumer this would add
             channel = await self._queue.channel.get_underlay_channel()
             if channel is self._channel and self.running:
                 return  # reopened while start() was consuming: already on this channel
             channel.on_consumer_cancel_callbacks.add(self._on_cancel)
-            self._channel = channel
+            # Not running until the broker confirms: no tag of the last channel on this one.
+            self._channel, self._consumer_tag = channel, None
             consume_ok = await channel.basic_consume(self._queue.name, self._receive)
             self._consumer_tag = consume_ok.consumer_tag
 
@@ -135,6 +138,13 @@ class BatchConsumer:
             finally:
                 self._busy = False
 
+    async def _cancel(self) -> None:
+        channel, tag, self._consumer_tag = self._channel, self._consumer_tag, None
+        # A closed channel has no consumer to cancel: do not let the stop wait on the broker.
+        if channel is not None and tag is not None and not channel.is_closed:
+            channel.on_consumer_cancel_callbacks.discard(self._on_cancel)
+            await channel.basic_cancel(tag)
+
     async def stop(self, *, graceful_timeout: float | None) -> None:
         """Take no new deliveries, let the batch in hand finish (up to ``graceful_timeout``
         seconds), then give back the deliveries still waiting. A batch still running after the
@@ -142,13 +152,11 @@ class BatchConsumer:
         self._closing = True
         if self._queue is not None and isinstance(self._queue.channel, AbstractRobustChannel):
             self._queue.channel.reopen_callbacks.discard(self._on_reopen)
-        channel, tag, self._consumer_tag = self._channel, self._consumer_tag, None
-        # A closed channel has no consumer to cancel: do not let the stop wait on the broker.
-        if channel is not None and tag is not None and not channel.is_closed:
-            channel.on_consumer_cancel_callbacks.discard(self._on_cancel)
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(_CANCEL_SECONDS):
-                    await channel.basic_cancel(tag)
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(_CANCEL_SECONDS):
+                # After a consume in flight (a reopen's): the tag it sets is the one to cancel.
+                async with self._consuming:
+                    await self._cancel()
         task, self._loop_task = self._loop_task, None
         if task is None:
             return

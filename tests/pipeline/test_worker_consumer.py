@@ -177,3 +177,39 @@ class TestConsuming:
 
         assert declared.declaration_result.consumer_count == 1
         assert [m.body for m in received.messages] == [b"once"]
+
+    async def test_a_stop_during_a_reopen_leaves_no_consumer(
+        self, amqp_url: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # The broker closes the channel (an ack of a tag it never sent); aio-pika reopens it and
+        # the consumer consumes again, and the worker is told to stop while that consume is on
+        # its way. A consumer left behind would take deliveries that nothing reads.
+        received = Received()
+        connection = await aio_pika.connect_robust(amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            queue = await channel.declare_queue("consumer-test", durable=True)
+            consumer = BatchConsumer(received.ack_twice, requeue=received.requeue, max_batch=10)
+            await consumer.start(queue)
+            stopping: list[asyncio.Task[None]] = []
+            consume = consumer._consume
+
+            async def consume_while_stopping() -> None:
+                stopping.append(asyncio.create_task(consumer.stop(graceful_timeout=1)))
+                await consume()
+
+            monkeypatch.setattr(consumer, "_consume", consume_while_stopping)
+            await (await channel.get_underlay_channel()).basic_ack(99_999)
+
+            async def stopped() -> bool:
+                return bool(stopping) and stopping[0].done()
+
+            await eventually(stopped, what="the stop")
+            await stopping[0]
+            assert not consumer.running
+            async with await aio_pika.connect(amqp_url) as check:
+                declared = await (await check.channel()).declare_queue(
+                    "consumer-test", passive=True
+                )
+
+        assert declared.declaration_result.consumer_count == 0
