@@ -14,7 +14,7 @@ from aio_pika.abc import AbstractQueue
 from aio_pika.exceptions import MessageProcessError
 
 from tests.support.polling import eventually
-from worker.consumer import BatchConsumer
+from worker.consumer import BatchConsumer, Handler, Requeue
 from worker.delivery import Message
 
 
@@ -42,12 +42,20 @@ class Received:
 
 
 @asynccontextmanager
-async def consuming(amqp_url: str, received: Received) -> AsyncIterator[AbstractQueue]:
+async def on_queue(
+    amqp_url: str, handle: Handler, requeue: Requeue
+) -> AsyncIterator[tuple[AbstractQueue, BatchConsumer]]:
+    """The test queue, on a robust channel, and a consumer for it, not started."""
     connection = await aio_pika.connect_robust(amqp_url)
     async with connection:
         channel = await connection.channel()
         queue = await channel.declare_queue("consumer-test", durable=True)
-        consumer = BatchConsumer(received.ack_twice, requeue=received.requeue, max_batch=10)
+        yield queue, BatchConsumer(handle, requeue=requeue, max_batch=10)
+
+
+@asynccontextmanager
+async def consuming(amqp_url: str, received: Received) -> AsyncIterator[AbstractQueue]:
+    async with on_queue(amqp_url, received.ack_twice, received.requeue) as (queue, consumer):
         await consumer.start(queue)
         try:
             assert consumer.running
@@ -55,6 +63,14 @@ async def consuming(amqp_url: str, received: Received) -> AsyncIterator[Abstract
         finally:
             await consumer.stop(graceful_timeout=5)
             assert not consumer.running
+
+
+async def consumer_count(amqp_url: str) -> int:
+    """The test queue's consumers, as the broker counts them (asked on a connection of its own)."""
+    async with await aio_pika.connect(amqp_url) as check:
+        declared = await (await check.channel()).declare_queue("consumer-test", passive=True)
+    assert declared.declaration_result.consumer_count is not None
+    return declared.declaration_result.consumer_count
 
 
 async def publish(amqp_url: str, *messages: aio_pika.Message) -> None:
@@ -132,11 +148,7 @@ class TestMessages:
             hold.set()
 
         received = Received()
-        connection = await aio_pika.connect_robust(amqp_url)
-        async with connection:
-            channel = await connection.channel()
-            queue = await channel.declare_queue("consumer-test", durable=True)
-            consumer = BatchConsumer(keep, requeue=received.requeue, max_batch=10)
+        async with on_queue(amqp_url, keep, received.requeue) as (queue, consumer):
             await consumer.start(queue)
             await publish(amqp_url, aio_pika.Message(b"held"))
             await asyncio.wait_for(hold.wait(), 10)
@@ -159,23 +171,16 @@ class TestConsuming:
         # A reopened channel consumes again while start() may still be consuming on it; two
         # consumers on one channel would take twice the prefetch and settle out of order.
         received = Received()
-        connection = await aio_pika.connect_robust(amqp_url)
-        async with connection:
-            channel = await connection.channel()
-            queue = await channel.declare_queue("consumer-test", durable=True)
-            consumer = BatchConsumer(received.ack_twice, requeue=received.requeue, max_batch=10)
+        async with on_queue(amqp_url, received.ack_twice, received.requeue) as (queue, consumer):
             await asyncio.gather(consumer.start(queue), consumer.start(queue))
             try:
-                async with await aio_pika.connect(amqp_url) as check:
-                    declared = await (await check.channel()).declare_queue(
-                        "consumer-test", passive=True
-                    )
+                consumers = await consumer_count(amqp_url)
                 await publish(amqp_url, aio_pika.Message(b"once"))
                 await eventually(received.count, until=lambda n: n == 1, what="the delivery")
             finally:
                 await consumer.stop(graceful_timeout=5)
 
-        assert declared.declaration_result.consumer_count == 1
+        assert consumers == 1
         assert [m.body for m in received.messages] == [b"once"]
 
     async def test_a_stop_during_a_reopen_leaves_no_consumer(
@@ -185,11 +190,7 @@ class TestConsuming:
         # the consumer consumes again, and the worker is told to stop while that consume is on
         # its way. A consumer left behind would take deliveries that nothing reads.
         received = Received()
-        connection = await aio_pika.connect_robust(amqp_url)
-        async with connection:
-            channel = await connection.channel()
-            queue = await channel.declare_queue("consumer-test", durable=True)
-            consumer = BatchConsumer(received.ack_twice, requeue=received.requeue, max_batch=10)
+        async with on_queue(amqp_url, received.ack_twice, received.requeue) as (queue, consumer):
             await consumer.start(queue)
             stopping: list[asyncio.Task[None]] = []
             consume = consumer._consume
@@ -199,7 +200,7 @@ class TestConsuming:
                 await consume()
 
             monkeypatch.setattr(consumer, "_consume", consume_while_stopping)
-            await (await channel.get_underlay_channel()).basic_ack(99_999)
+            await (await queue.channel.get_underlay_channel()).basic_ack(99_999)
 
             async def stopped() -> bool:
                 return bool(stopping) and stopping[0].done()
@@ -207,9 +208,6 @@ class TestConsuming:
             await eventually(stopped, what="the stop")
             await stopping[0]
             assert not consumer.running
-            async with await aio_pika.connect(amqp_url) as check:
-                declared = await (await check.channel()).declare_queue(
-                    "consumer-test", passive=True
-                )
+            consumers = await consumer_count(amqp_url)
 
-        assert declared.declaration_result.consumer_count == 0
+        assert consumers == 0
