@@ -93,6 +93,8 @@ class BatchConsumer:
             self._channel, self._consumer_tag = channel, None
             consume_ok = await channel.basic_consume(self._queue.name, self._receive)
             self._consumer_tag = consume_ok.consumer_tag
+            if self._closing:  # a stop that gave up waiting for this consume has gone on
+                await self._cancel()
 
     async def _on_reopen(self, *_: Any) -> None:
         """aio-pika has reopened the channel (a reconnect; the queue is declared again)."""
