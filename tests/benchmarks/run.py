@@ -37,6 +37,12 @@ async def main() -> None:
         help="rounds of the batched loop then the worker, back to back, for the drain ratio",
     )
     parser.add_argument(
+        "--http-rounds",
+        type=int,
+        default=3,
+        help="rounds of the bare endpoint then campaign_service, back to back, for the POST ratio",
+    )
+    parser.add_argument(
         "--rates",
         default="50,100,150,200",
         help="comma-separated offered rates (POST /campaigns per second) for the latency runs",
@@ -48,6 +54,8 @@ async def main() -> None:
     unknown = wanted - {*ALL, "host"}
     if args.drain_rounds < 1:
         parser.error("--drain-rounds: at least 1")
+    if args.http_rounds < 1:
+        parser.error("--http-rounds: at least 1")
     if unknown:
         parser.error(f"--only: no such measurement {', '.join(sorted(unknown))}")
     results: dict[str, Any] = {"machine": machine(), "python": platform.python_version()}
@@ -74,9 +82,17 @@ async def main() -> None:
             print(table("End-to-end latency", results["latency"]["table"]))
             print(table("CPU per campaign (latency runs)", results["latency"]["cpu_table"]))
         if "http" in wanted:
-            results["http"] = await http.run(bench)
+            results["http"] = await http.run(bench, rounds=args.http_rounds)
             print(table("HTTP", results["http"]["table"]))
             print(table("CPU per request (HTTP runs)", results["http"]["cpu_table"]))
+            post_rounds = results["http"]["post_rounds"]
+            print(
+                table(
+                    "POST /campaigns against the bare endpoint, round by round "
+                    f"(median: round {post_rounds['median_round']})",
+                    post_rounds["table"],
+                )
+            )
         if "tracing" in wanted:
             results["tracing"] = await drain.tracing_cost(bench, events=min(args.events, 10_000))
             print(table("Cost of tracing (worker drain)", results["tracing"]["table"]))
