@@ -156,16 +156,20 @@ async def metered(
     return result
 
 
-async def same_work_post(bench: Bench, user_url: str, token: str) -> dict[str, Any]:
+def same_work_app(bench: Bench, port: int, user_url: str) -> Process:
     """A second limit for POST /campaigns: the service's work for a campaign on bare libraries
     (tests/benchmarks/same_work_app.py), untraced, with uvicorn's access line as the service."""
-    port = free_port()
-    app = Process(
+    return Process(
         "same_work_app",
         uvicorn_args("tests.benchmarks.same_work_app:app", port, access_log=True),
         bench.env(JWT_JWKS_URL=f"{user_url}/.well-known/jwks.json"),
         bench.logs,
     )
+
+
+async def same_work_post(bench: Bench, user_url: str, token: str) -> dict[str, Any]:
+    port = free_port()
+    app = same_work_app(bench, port, user_url)
     await app.start()
     try:
         await wait_http(f"http://127.0.0.1:{port}/health")
@@ -186,55 +190,84 @@ def bare_app(bench: Bench, key: str, port: int, *, traced: bool) -> Process:
 
 
 async def post_rounds(bench: Bench, user_url: str, token: str, rounds: int) -> dict[str, Any]:
-    """The ``POST /campaigns`` target in ``rounds`` rounds: in each, the bare endpoint and then
-    campaign_service (traced), back to back, each started for its run and stopped after it (the
-    two write the same tables). On these hosts the speed drifts over minutes, and the main runs
-    measure the two minutes apart; the round of median ratio stands for the rounds, as in the
-    drain."""
+    """``POST /campaigns`` against its limits in ``rounds`` rounds. In each, back to back: the
+    bare endpoint and campaign_service (the target), then the same work on bare libraries and
+    campaign_service with tracing off (the service against the same work, both untraced); each
+    process started for its run and stopped after it, as they write the same tables. On these
+    hosts the speed drifts over minutes, and the main runs measure these minutes apart; for each
+    ratio, the round of median ratio stands for the rounds, as in the drain."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    bare = bare_app(bench, "bare_rounds", port, traced=False)
-    service = campaign_service(bench, "campaign_service_rounds", port, user_url)
-    pairs = []
+    # Each leg: its process, the path that says it is up, whether it needs the token and
+    # whether its outbox rows are dropped (the bare app's: nothing publishes them).
+    legs = {
+        "bare": (bare_app(bench, "bare_rounds", port, traced=False), "/health", False),
+        "service": (
+            campaign_service(bench, "campaign_service_rounds", port, user_url),
+            "/ready",
+            True,
+        ),
+        "same_work": (same_work_app(bench, port, user_url), "/health", True),
+        "untraced": (
+            campaign_service(
+                bench,
+                "campaign_service_untraced_rounds",
+                port,
+                user_url,
+                OTEL_SDK_DISABLED="true",
+            ),
+            "/ready",
+            True,
+        ),
+    }
+    each: list[dict[str, dict[str, Any]]] = []
     for _ in range(rounds):
-        await settle(bench, drop_outbox=True)
-        await bare.start()
-        try:
-            await wait_http(f"{url}/health")
-            limit = await metered(
-                bench, bare, wrk(f"{url}/campaigns", "post_campaign.lua"), drop_outbox=True
-            )
-        finally:
-            await bare.stop()
-        await settle(bench, drop_outbox=True)
-        await service.start()
-        try:
-            await wait_http(f"{url}/ready")
-            measured = await metered(
-                bench, service, wrk(f"{url}/campaigns", "post_campaign.lua", token=token)
-            )
-        finally:
-            await service.stop()
-        pairs.append((limit, measured))
-    ratios = [m["requests_per_second"] / b["requests_per_second"] for b, m in pairs]
-    median_round = sorted(range(rounds), key=ratios.__getitem__)[(rounds - 1) // 2]
+        measured = {}
+        for key, (process, up, authorized) in legs.items():
+            bare = key == "bare"
+            await settle(bench, drop_outbox=True)
+            await process.start()
+            try:
+                await wait_http(f"{url}{up}")
+                measured[key] = await metered(
+                    bench,
+                    process,
+                    wrk(f"{url}/campaigns", "post_campaign.lua", token=token if authorized else ""),
+                    drop_outbox=bare,
+                )
+            finally:
+                await process.stop()
+        each.append(measured)
+
+    def rate(leg: dict[str, Any]) -> float:
+        return float(leg["requests_per_second"])
+
+    vs_bare = [rate(r["service"]) / rate(r["bare"]) for r in each]
+    vs_same_work = [rate(r["untraced"]) / rate(r["same_work"]) for r in each]
     return {
-        "rounds": [{"bare": b, "service": m} for b, m in pairs],
-        "post_vs_bare_each_round": ratios,
-        "post_vs_bare": ratios[median_round],
-        "median_round": median_round + 1,
+        "rounds": each,
+        "post_vs_bare_each_round": vs_bare,
+        "post_vs_bare": _median(vs_bare),
+        "untraced_post_vs_same_work_each_round": vs_same_work,
+        "untraced_post_vs_same_work": _median(vs_same_work),
         "table": [
             {
                 "round": n,
-                "bare endpoint req/s": round(b["requests_per_second"]),
-                "campaign_service req/s": round(m["requests_per_second"]),
-                "ratio": round(ratio, 2),
-                "bare app µs": round(b["cpu_us_per_request"]["app"]),
-                "campaign_service app µs": round(m["cpu_us_per_request"]["app"]),
+                "bare endpoint req/s": round(rate(r["bare"])),
+                "campaign_service req/s": round(rate(r["service"])),
+                "vs bare": round(vs_bare[n - 1], 2),
+                "same work req/s": round(rate(r["same_work"])),
+                "campaign_service untraced req/s": round(rate(r["untraced"])),
+                "vs same work": round(vs_same_work[n - 1], 2),
             }
-            for n, ((b, m), ratio) in enumerate(zip(pairs, ratios, strict=True), start=1)
+            for n, r in enumerate(each, start=1)
         ],
     }
+
+
+def _median(ratios: list[float]) -> float:
+    """The middle ratio (the lower middle one of an even number)."""
+    return sorted(ratios)[(len(ratios) - 1) // 2]
 
 
 async def run(bench: Bench, rounds: int = 3) -> dict[str, Any]:

@@ -40,7 +40,7 @@ async def main() -> None:
         "--http-rounds",
         type=int,
         default=3,
-        help="rounds of the bare endpoint then campaign_service, back to back, for the POST ratio",
+        help="rounds of POST /campaigns against its limits, back to back, for its ratios",
     )
     parser.add_argument(
         "--rates",
@@ -88,8 +88,9 @@ async def main() -> None:
             post_rounds = results["http"]["post_rounds"]
             print(
                 table(
-                    "POST /campaigns against the bare endpoint, round by round "
-                    f"(median: round {post_rounds['median_round']})",
+                    "POST /campaigns against its limits, round by round (medians: vs bare "
+                    f"{post_rounds['post_vs_bare']:.2f}, vs the same work "
+                    f"{post_rounds['untraced_post_vs_same_work']:.2f})",
                     post_rounds["table"],
                 )
             )
