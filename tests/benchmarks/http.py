@@ -244,12 +244,16 @@ async def post_rounds(bench: Bench, user_url: str, token: str, rounds: int) -> d
 
     vs_bare = [rate(r["service"]) / rate(r["bare"]) for r in each]
     vs_same_work = [rate(r["untraced"]) / rate(r["same_work"]) for r in each]
+    same_work_vs_bare = [rate(r["same_work"]) / rate(r["bare"]) for r in each]
     return {
         "rounds": each,
         "post_vs_bare_each_round": vs_bare,
         "post_vs_bare": _median(vs_bare),
         "untraced_post_vs_same_work_each_round": vs_same_work,
         "untraced_post_vs_same_work": _median(vs_same_work),
+        # How close the same work on bare libraries comes to the bare endpoint (the target's).
+        "same_work_vs_bare_each_round": same_work_vs_bare,
+        "same_work_vs_bare": _median(same_work_vs_bare),
         "table": [
             {
                 "round": n,
@@ -257,6 +261,7 @@ async def post_rounds(bench: Bench, user_url: str, token: str, rounds: int) -> d
                 "campaign_service req/s": round(rate(r["service"])),
                 "vs bare": round(vs_bare[n - 1], 2),
                 "same work req/s": round(rate(r["same_work"])),
+                "same work vs bare": round(same_work_vs_bare[n - 1], 2),
                 "campaign_service untraced req/s": round(rate(r["untraced"])),
                 "vs same work": round(vs_same_work[n - 1], 2),
             }

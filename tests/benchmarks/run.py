@@ -90,7 +90,8 @@ async def main() -> None:
                 table(
                     "POST /campaigns against its limits, round by round (medians: vs bare "
                     f"{post_rounds['post_vs_bare']:.2f}, vs the same work "
-                    f"{post_rounds['untraced_post_vs_same_work']:.2f})",
+                    f"{post_rounds['untraced_post_vs_same_work']:.2f}, the same work vs bare "
+                    f"{post_rounds['same_work_vs_bare']:.2f})",
                     post_rounds["table"],
                 )
             )
