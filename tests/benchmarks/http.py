@@ -194,12 +194,12 @@ async def post_rounds(bench: Bench, user_url: str, token: str, rounds: int) -> d
     bare endpoint and campaign_service (the target), then the same work on bare libraries and
     campaign_service with tracing off (the service against the same work, both untraced); each
     process started for its run and stopped after it, as they write the same tables. On these
-    hosts the speed drifts over minutes, and the main runs measure these minutes apart; for each
-    ratio, the round of median ratio stands for the rounds, as in the drain."""
+    hosts the speed drifts over minutes, and the main runs measure these minutes apart; each
+    ratio's median over the rounds stands for them, as in the drain."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    # Each leg: its process, the path that says it is up, whether it needs the token and
-    # whether its outbox rows are dropped (the bare app's: nothing publishes them).
+    # Each leg: its process, the path that says it is up, and whether it needs the token. The
+    # bare app's outbox rows are dropped after its run: nothing publishes them.
     legs = {
         "bare": (bare_app(bench, "bare_rounds", port, traced=False), "/health", False),
         "service": (
