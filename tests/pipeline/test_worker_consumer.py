@@ -14,6 +14,7 @@ from aio_pika.abc import AbstractQueue
 from aio_pika.exceptions import MessageProcessError
 
 from tests.support.polling import eventually
+from worker import consumer as consumer_module
 from worker.consumer import BatchConsumer, Handler, Requeue
 from worker.delivery import Message
 
@@ -183,12 +184,18 @@ class TestConsuming:
         assert consumers == 1
         assert [m.body for m in received.messages] == [b"once"]
 
+    @pytest.mark.parametrize(
+        "cancel_seconds",
+        [5.0, 0.0],
+        ids=["the stop waits for the consume", "the stop gives up waiting and goes on"],
+    )
     async def test_a_stop_during_a_reopen_leaves_no_consumer(
-        self, amqp_url: str, monkeypatch: pytest.MonkeyPatch
+        self, amqp_url: str, monkeypatch: pytest.MonkeyPatch, cancel_seconds: float
     ) -> None:
         # The broker closes the channel (an ack of a tag it never sent); aio-pika reopens it and
         # the consumer consumes again, and the worker is told to stop while that consume is on
         # its way. A consumer left behind would take deliveries that nothing reads.
+        monkeypatch.setattr(consumer_module, "_CANCEL_SECONDS", cancel_seconds)
         received = Received()
         async with on_queue(amqp_url, received.ack_twice, received.requeue) as (queue, consumer):
             await consumer.start(queue)
@@ -207,7 +214,10 @@ class TestConsuming:
 
             await eventually(stopped, what="the stop")
             await stopping[0]
+            # A stop that gave up leaves the consume to cancel itself when its consume-ok comes.
+            consumers = await eventually(
+                lambda: consumer_count(amqp_url), until=lambda n: n == 0, what="no consumer"
+            )
             assert not consumer.running
-            consumers = await consumer_count(amqp_url)
 
         assert consumers == 0
