@@ -167,16 +167,23 @@ def same_work_app(bench: Bench, port: int, user_url: str) -> Process:
     )
 
 
-async def same_work_post(bench: Bench, user_url: str, token: str) -> dict[str, Any]:
-    port = free_port()
-    app = same_work_app(bench, port, user_url)
+async def post_run(
+    bench: Bench, app: Process, port: int, up: str, *, token: str = "", drop_outbox: bool = False
+) -> dict[str, Any]:
+    """Start ``app`` on ``port``, wait for ``up`` to answer, measure POST /campaigns, stop it."""
+    url = f"http://127.0.0.1:{port}"
     await app.start()
     try:
-        await wait_http(f"http://127.0.0.1:{port}/health")
-        url = f"http://127.0.0.1:{port}/campaigns"
-        return await metered(bench, app, wrk(url, "post_campaign.lua", token=token))
+        await wait_http(f"{url}{up}")
+        run = wrk(f"{url}/campaigns", "post_campaign.lua", token=token)
+        return await metered(bench, app, run, drop_outbox=drop_outbox)
     finally:
         await app.stop()
+
+
+async def same_work_post(bench: Bench, user_url: str, token: str) -> dict[str, Any]:
+    port = free_port()
+    return await post_run(bench, same_work_app(bench, port, user_url), port, "/health", token=token)
 
 
 def bare_app(bench: Bench, key: str, port: int, *, traced: bool) -> Process:
@@ -197,7 +204,6 @@ async def post_rounds(bench: Bench, user_url: str, token: str, rounds: int) -> d
     hosts the speed drifts over minutes, and the main runs measure these minutes apart; each
     ratio's median over the rounds stands for them, as in the drain."""
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
     # Each leg: its process, the path that says it is up, and whether it needs the token. The
     # bare app's outbox rows are dropped after its run: nothing publishes them.
     legs = {
@@ -224,19 +230,15 @@ async def post_rounds(bench: Bench, user_url: str, token: str, rounds: int) -> d
     for _ in range(rounds):
         measured = {}
         for key, (process, up, authorized) in legs.items():
-            bare = key == "bare"
             await settle(bench, drop_outbox=True)
-            await process.start()
-            try:
-                await wait_http(f"{url}{up}")
-                measured[key] = await metered(
-                    bench,
-                    process,
-                    wrk(f"{url}/campaigns", "post_campaign.lua", token=token if authorized else ""),
-                    drop_outbox=bare,
-                )
-            finally:
-                await process.stop()
+            measured[key] = await post_run(
+                bench,
+                process,
+                port,
+                up,
+                token=token if authorized else "",
+                drop_outbox=key == "bare",
+            )
         each.append(measured)
 
     def rate(leg: dict[str, Any]) -> float:
