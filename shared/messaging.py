@@ -120,7 +120,6 @@ def create_broker(
     url: str,
     *,
     app_id: str,
-    prefetch: int | None = None,
     graceful_timeout: float | None = 15.0,
     reconnect_seconds: float = 5.0,
     middlewares: Sequence[BrokerMiddleware[Any, Any]] = (),
@@ -133,9 +132,7 @@ def create_broker(
     """
     return RabbitBroker(
         url,
-        default_channel=Channel(
-            prefetch_count=prefetch, publisher_confirms=True, on_return_raises=True
-        ),
+        default_channel=Channel(publisher_confirms=True, on_return_raises=True),
         graceful_timeout=graceful_timeout,
         middlewares=middlewares,
         app_id=app_id,

@@ -13,14 +13,17 @@ from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
 
+from aio_pika.abc import AbstractRobustQueue
 from fastapi import FastAPI
 from faststream._internal.types import BrokerMiddleware
 from faststream.rabbit import RabbitBroker
 from prometheus_client import CollectorRegistry
 
 from shared.db import create_engine, ping
+from shared.events import CAMPAIGN_CREATED
 from shared.logs import configure_logging
 from shared.messaging import (
+    CAMPAIGNS_EXCHANGE,
     WORKER_QUEUE,
     BrokerStartup,
     create_broker,
@@ -42,17 +45,42 @@ logger = logging.getLogger(__name__)
 def create_worker_broker(
     settings: WorkerSettings, *, app_id: str, middlewares: Sequence[BrokerMiddleware[Any, Any]]
 ) -> RabbitBroker:
-    """The worker's broker: bounded prefetch on its channel, confirms, no dependency
-    injection (it has no FastStream subscriber: :class:`BatchConsumer` consumes)."""
+    """The worker's broker: confirms, no dependency injection (it has no FastStream
+    subscriber: :class:`BatchConsumer` consumes, on a channel of its own)."""
     return create_broker(
         settings.rabbitmq_url,
         app_id=app_id,
-        prefetch=settings.worker_prefetch,
         graceful_timeout=settings.worker_graceful_timeout_seconds,
         reconnect_seconds=settings.rabbitmq_reconnect_seconds,
         middlewares=middlewares,
         apply_types=False,
     )
+
+
+async def consumer_queue(broker: RabbitBroker, *, prefetch: int) -> AbstractRobustQueue:
+    """The worker's queue on a channel of its own, of the broker's connection, with a bounded
+    prefetch: the consumer's channel carries nothing else. The batches'
+    ``basic.ack(multiple=True)`` covers every earlier delivery on it, and when the broker
+    cancels the consumer, the consumer closes it (:class:`BatchConsumer`) without cutting off
+    the confirmed retry and dead-letter publishes in flight on the broker's default channel.
+    The channel is aio-pika's robust one: it comes back with the connection, with its prefetch,
+    and declares the queue and its binding again."""
+    connection = await broker.connect()
+    channel = await connection.channel(publisher_confirms=False)
+    try:
+        await channel.set_qos(prefetch_count=prefetch)
+        queue = await channel.declare_queue(
+            WORKER_QUEUE.name,
+            durable=WORKER_QUEUE.durable,
+            exclusive=WORKER_QUEUE.exclusive,
+            auto_delete=WORKER_QUEUE.auto_delete,
+            arguments=WORKER_QUEUE.arguments,
+        )
+        await queue.bind(CAMPAIGNS_EXCHANGE.name, routing_key=CAMPAIGN_CREATED)
+    except BaseException:
+        await channel.close()
+        raise
+    return queue
 
 
 def create_app(settings: WorkerSettings | None = None) -> FastAPI:
@@ -91,9 +119,13 @@ def create_app(settings: WorkerSettings | None = None) -> FastAPI:
                 await declare_core(broker)
                 await declare_retry_ladder(broker, settings.retry_delays_in_use)
                 await broker.start()
-                # On the broker's default channel, which must carry no other consumer: the
-                # batches' basic.ack(multiple=True) covers every earlier delivery on it.
-                await consumer.start(await broker.declare_queue(WORKER_QUEUE))
+                # Its channel closes with the broker's connection, at the end of the stop.
+                queue = await consumer_queue(broker, prefetch=settings.worker_prefetch)
+                try:
+                    await consumer.start(queue)
+                except BaseException:  # the next attempt opens a channel of its own
+                    await queue.channel.close()
+                    raise
                 logger.info(
                     "consuming",
                     extra={
@@ -118,6 +150,7 @@ def create_app(settings: WorkerSettings | None = None) -> FastAPI:
 
             app.state.settings = settings
             app.state.engine = engine
+            app.state.broker = broker
             app.state.broker_startup = startup
             app.state.consumer = consumer
             yield

@@ -10,14 +10,16 @@ Under load a batch is what arrived while the previous one was being written, so 
 does a fraction of the work per message and the broker gets one ack a batch; when idle a batch
 is a single delivery, handled at once.
 
-The queue object comes from the broker (FastStream's connection and channel, aio-pika
-underneath). The consumer itself is registered on the AMQP channel under it (aiormq's), whose
-deliveries become :class:`~worker.delivery.Message` objects: aio-pika's own consumer builds a
-heavier message object and a task per delivery (``worker/delivery.py`` says what that cost).
-So the consumer's recovery is this module's: when aio-pika's robust channel reopens (a
-reconnect, or a channel the broker closed) it has declared the queue again, and the consumer
-consumes again on the new channel; when the broker cancels the consumer (its queue deleted),
-the consumer closes its channel, so that aio-pika reopens it and declares the queue again.
+The queue object is aio-pika's, on a robust channel of the broker's connection that carries
+this consumer and nothing else (:func:`worker.app.consumer_queue`). The consumer itself is
+registered on the AMQP channel under it (aiormq's), whose deliveries become
+:class:`~worker.delivery.Message` objects: aio-pika's own consumer builds a heavier message
+object and a task per delivery (``worker/delivery.py`` says what that cost). So the consumer's
+recovery is this module's: when aio-pika's robust channel reopens (a reconnect, or a channel
+the broker closed) it has declared the queue again, and the consumer consumes again on the new
+channel; when the broker cancels the consumer (its queue deleted), the consumer closes its
+channel, so that aio-pika reopens it and declares the queue again. Closing it cuts off nothing
+else: the worker publishes on the broker's default channel.
 """
 
 from __future__ import annotations
