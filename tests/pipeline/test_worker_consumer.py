@@ -14,6 +14,7 @@ from aio_pika.abc import AbstractQueue
 from aio_pika.exceptions import MessageProcessError
 
 from tests.support.polling import eventually
+from tests.support.rabbit import consumer_count
 from worker import consumer as consumer_module
 from worker.consumer import BatchConsumer, Handler, Requeue
 from worker.delivery import Message
@@ -64,14 +65,6 @@ async def consuming(amqp_url: str, received: Received) -> AsyncIterator[Abstract
         finally:
             await consumer.stop(graceful_timeout=5)
             assert not consumer.running
-
-
-async def consumer_count(amqp_url: str) -> int:
-    """The test queue's consumers, as the broker counts them (asked on a connection of its own)."""
-    async with await aio_pika.connect(amqp_url) as check:
-        declared = await (await check.channel()).declare_queue("consumer-test", passive=True)
-    assert declared.declaration_result.consumer_count is not None
-    return declared.declaration_result.consumer_count
 
 
 async def publish(amqp_url: str, *messages: aio_pika.Message) -> None:
@@ -175,7 +168,7 @@ class TestConsuming:
         async with on_queue(amqp_url, received.ack_twice, received.requeue) as (queue, consumer):
             await asyncio.gather(consumer.start(queue), consumer.start(queue))
             try:
-                consumers = await consumer_count(amqp_url)
+                consumers = await consumer_count(amqp_url, "consumer-test")
                 await publish(amqp_url, aio_pika.Message(b"once"))
                 await eventually(received.count, until=lambda n: n == 1, what="the delivery")
             finally:
@@ -216,7 +209,9 @@ class TestConsuming:
             await stopping[0]
             # A stop that gave up leaves the consume to cancel itself when its consume-ok comes.
             consumers = await eventually(
-                lambda: consumer_count(amqp_url), until=lambda n: n == 0, what="no consumer"
+                lambda: consumer_count(amqp_url, "consumer-test"),
+                until=lambda n: n == 0,
+                what="no consumer",
             )
             assert not consumer.running
 

@@ -7,17 +7,15 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import quote
 
-import aio_pika
 import httpx
 from aio_pika.abc import AbstractRobustChannel
 from aiormq.abc import AbstractChannel
-from aiormq.exceptions import ChannelNotFoundEntity
 from fastapi import FastAPI
 from faststream.rabbit import RabbitBroker
 
 from tests.support.campaigns import create_campaign, steps, wait_for_jobs
 from tests.support.polling import eventually
-from tests.support.rabbit import RabbitAdmin
+from tests.support.rabbit import RabbitAdmin, consumer_count
 
 QUEUE = "worker.campaign.created"
 RECOVERY_SECONDS = 30.0
@@ -32,18 +30,6 @@ def bindings_of(bindings: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
         and binding["destination_type"] == "queue"
         and binding["source"]
     )
-
-
-async def consumer_count(amqp_url: str) -> int | None:
-    """Consumers attached to the queue now (the broker's answer to a passive declare, not the
-    management API's statistics, which lag by seconds); None while the queue does not exist."""
-    connection = await aio_pika.connect(amqp_url)
-    async with connection:
-        try:
-            queue = await (await connection.channel()).declare_queue(QUEUE, passive=True)
-        except ChannelNotFoundEntity:
-            return None
-        return queue.declaration_result.consumer_count or 0
 
 
 async def publishing_channel(worker: FastAPI) -> AbstractChannel:
@@ -73,7 +59,7 @@ class TestConsumerCancelledByTheBroker:
     ) -> None:
         before = await rabbit_admin.queue(vhost, QUEUE)
         bound_before = bindings_of(await rabbit_admin.bindings(vhost))
-        assert await consumer_count(amqp_url) == 1
+        assert await consumer_count(amqp_url, QUEUE) == 1
         assert bound_before == [("campaigns", "campaign.created", "{}")]
         publishing = await publishing_channel(worker)
 
@@ -84,7 +70,7 @@ class TestConsumerCancelledByTheBroker:
         assert response.status_code == 204, response.text
 
         await eventually(
-            lambda: consumer_count(amqp_url),
+            lambda: consumer_count(amqp_url, QUEUE),
             until=lambda count: count == 1,
             timeout=RECOVERY_SECONDS,
             interval=0.1,

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import aio_pika
 import asyncpg
 import httpx
 import pytest
@@ -25,7 +24,7 @@ from tests.support.metrics import outcomes, parse, value
 from tests.support.polling import eventually
 from tests.support.processes import ServiceProcess
 from tests.support.proxy import TcpProxy
-from tests.support.rabbit import PrivateRabbitNode, RabbitAdmin, publish_raw
+from tests.support.rabbit import PrivateRabbitNode, RabbitAdmin, consumer_count, publish_raw
 from tests.support.spans import Spans
 from worker.app import create_app as create_worker_app
 
@@ -63,13 +62,6 @@ async def in_flight(worker: ServiceProcess) -> float:
     async with httpx.AsyncClient() as client:
         response = await client.get(f"http://127.0.0.1:{worker.port}/metrics")
     return parse(response.text).get(("worker_messages_in_flight", frozenset()), 0.0)
-
-
-async def consumers(amqp_url: str, queue_name: str) -> int:
-    connection = await aio_pika.connect(amqp_url)
-    async with connection:
-        queue = await (await connection.channel()).declare_queue(queue_name, passive=True)
-        return queue.declaration_result.consumer_count or 0
 
 
 class TestKilledWorker:
@@ -156,7 +148,7 @@ class TestCompetingConsumers:
             await worker.start()
         for worker in workers:
             await worker.wait_ready()
-        attached = await consumers(amqp_url, "worker.campaign.created")
+        attached = await consumer_count(amqp_url, "worker.campaign.created")
 
         campaigns = [await create_campaign(campaign_client, headers, f"c{i}") for i in range(12)]
         for campaign in campaigns:
@@ -186,7 +178,7 @@ class TestEnvironment:
         jobs = await wait_for_jobs(campaign_client, headers, campaign["id"], timeout=20)
 
         assert steps(jobs) == [("success", 1)]
-        assert await consumers(amqp_url, "worker.campaign.created") == 1
+        assert await consumer_count(amqp_url, "worker.campaign.created") == 1
 
 
 def through(proxy: TcpProxy, database_url: str) -> str:
@@ -444,7 +436,7 @@ class TestMixedBatch:
             "PoisonMessage",
         ]
         assert queue["messages_unacknowledged"] == 0
-        assert await consumers(amqp_url, "worker.campaign.created") == 1  # still attached
+        assert await consumer_count(amqp_url, "worker.campaign.created") == 1  # still attached
         # One channel throughout: an ack that named a delivery already settled would have
         # made the broker close it ("unknown delivery tag") and the worker reconnect.
         log = worker.log_path.read_text()

@@ -11,12 +11,14 @@ import tempfile
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import aio_pika
 import httpx
+from aiormq.exceptions import ChannelNotFoundEntity
 from faststream.rabbit import RabbitBroker
 
 from shared.messaging import create_broker, declare_core
@@ -67,6 +69,10 @@ class RabbitAdmin:
 
     async def bindings(self, vhost: str) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = await self._get(f"/bindings/{quote(vhost, safe='')}")
+        return result
+
+    async def consumers(self, vhost: str) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = await self._get(f"/consumers/{quote(vhost, safe='')}")
         return result
 
     async def peek(self, vhost: str, queue: str, count: int = 100) -> list[dict[str, Any]]:
@@ -176,6 +182,30 @@ async def publish_raw(amqp_url: str, body: bytes, **properties: Any) -> None:
             aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, **properties),
             routing_key="campaign.created",
         )
+
+
+@dataclass(frozen=True)
+class QueueCounts:
+    ready: int  # messages waiting for a consumer (not those delivered and unacknowledged)
+    consumers: int
+
+
+async def queue_counts(amqp_url: str, queue_name: str) -> QueueCounts | None:
+    """The queue's counts now, as the broker answers a passive declare on a connection of its
+    own (the management API's statistics lag by seconds); None while the queue does not
+    exist."""
+    async with await aio_pika.connect(amqp_url) as connection:
+        try:
+            queue = await (await connection.channel()).declare_queue(queue_name, passive=True)
+        except ChannelNotFoundEntity:
+            return None
+    result = queue.declaration_result
+    return QueueCounts(ready=result.message_count or 0, consumers=result.consumer_count or 0)
+
+
+async def consumer_count(amqp_url: str, queue_name: str) -> int | None:
+    counts = await queue_counts(amqp_url, queue_name)
+    return None if counts is None else counts.consumers
 
 
 async def take_all(amqp_url: str, queue_name: str) -> list[aio_pika.abc.AbstractIncomingMessage]:
