@@ -45,3 +45,8 @@ class WorkerMetrics:
             "Deliveries being processed now.",
             registry=registry,
         )
+        self.executing = Gauge(
+            "worker_executions_in_progress",
+            "Campaign executions running now (at most WORKER_CONCURRENCY).",
+            registry=registry,
+        )

@@ -218,10 +218,12 @@ class CampaignProcessor:
                 to_execute.append(delivery)
 
         errors = await asyncio.gather(*(self._execute(d) for d in to_execute))
-        rows = [self._row(d, error) for d, error in zip(to_execute, errors, strict=True)]
+        # Those given back unstarted (the worker stopping) are settled already.
+        executed = [(d, e) for d, e in zip(to_execute, errors, strict=True) if not d.settled]
+        rows = [self._row(d, error) for d, error in executed]
         if rows:
-            recorded = await self._store.record(rows, traces=[d.span for d in to_execute])
-            for delivery, row, outcome in zip(to_execute, rows, recorded, strict=True):
+            recorded = await self._store.record(rows, traces=[d.span for d, _ in executed])
+            for (delivery, _), row, outcome in zip(executed, rows, recorded, strict=True):
                 self._decide(delivery, row, outcome)
 
         await self._republish_all([d for d in batch if not d.settled])
@@ -277,17 +279,25 @@ class CampaignProcessor:
         return True
 
     async def _execute(self, delivery: _Delivery) -> Exception | None:
-        """Execute the campaign (in its delivery's trace): its error, or None."""
+        """Execute the campaign (in its delivery's trace): its error, or None. A delivery still
+        waiting for a slot (``WORKER_CONCURRENCY``) when the worker is told to stop is given
+        back instead, not started."""
         async with self._slots:
-            with _scope(delivery):
+            if not self._stopping.is_set():
+                self._metrics.executing.inc()
                 try:
-                    await execute(
-                        _event(delivery),
-                        attempt=delivery.attempt,
-                        work_seconds=self._settings.worker_simulated_work_seconds,
-                    )
+                    with _scope(delivery):
+                        await execute(
+                            _event(delivery),
+                            attempt=delivery.attempt,
+                            work_seconds=self._settings.worker_simulated_work_seconds,
+                        )
                 except Exception as exc:  # the campaign's execution failed, whatever the reason
                     return exc
+                finally:
+                    self._metrics.executing.dec()
+                return None
+        await self._give_back_all([delivery], "worker stopping")
         return None
 
     def _row(self, delivery: _Delivery, error: Exception | None) -> JobRow:

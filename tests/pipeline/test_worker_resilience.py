@@ -24,7 +24,13 @@ from tests.support.metrics import outcomes, parse, value
 from tests.support.polling import eventually
 from tests.support.processes import ServiceProcess
 from tests.support.proxy import TcpProxy
-from tests.support.rabbit import PrivateRabbitNode, RabbitAdmin, consumer_count, publish_raw
+from tests.support.rabbit import (
+    PrivateRabbitNode,
+    RabbitAdmin,
+    consumer_count,
+    publish_raw,
+    queue_counts,
+)
 from tests.support.spans import Spans
 from worker.app import create_app as create_worker_app
 
@@ -57,11 +63,11 @@ async def start_worker(
         await worker.stop()
 
 
-async def in_flight(worker: ServiceProcess) -> float:
-    """Deliveries the worker process holds right now, from its /metrics."""
+async def worker_gauge(worker: ServiceProcess, name: str) -> float:
+    """A gauge of the worker process right now, from its /metrics."""
     async with httpx.AsyncClient() as client:
         response = await client.get(f"http://127.0.0.1:{worker.port}/metrics")
-    return parse(response.text).get(("worker_messages_in_flight", frozenset()), 0.0)
+    return parse(response.text).get((name, frozenset()), 0.0)
 
 
 class TestKilledWorker:
@@ -77,7 +83,9 @@ class TestKilledWorker:
         await slow.wait_ready()
         campaign = await create_campaign(campaign_client, headers, "interrupted")
         await eventually(
-            lambda: in_flight(slow), until=lambda n: n == 1, what="the worker holding it"
+            lambda: worker_gauge(slow, "worker_messages_in_flight"),
+            until=lambda n: n == 1,
+            what="the worker holding it",
         )
 
         slow.signal(signal.SIGKILL)
@@ -104,17 +112,26 @@ class TestStoppedWorker:
         start_worker: WorkerFactory,
         campaign_client: httpx.AsyncClient,
         headers: dict[str, str],
+        amqp_url: str,
     ) -> None:
-        # One at a time, two seconds each, five prefetched: SIGTERM arrives with one message
-        # being executed and four waiting in the worker's hands.
+        # Five campaigns waiting before the worker starts, so that it takes them together: one
+        # executed at a time, two seconds each. SIGTERM arrives with one of them under way and
+        # four in the worker's hands, not started.
+        campaigns = [await create_campaign(campaign_client, headers, f"c{i}") for i in range(5)]
+        await eventually(
+            lambda: queue_counts(amqp_url, "worker.campaign.created"),
+            until=lambda counts: counts is not None and counts.ready == 5,
+            what="the campaigns waiting in the queue",
+        )
         worker = start_worker(
             WORKER_SIMULATED_WORK_SECONDS="2", WORKER_CONCURRENCY="1", WORKER_PREFETCH="5"
         )
         await worker.start()
         await worker.wait_ready()
-        campaigns = [await create_campaign(campaign_client, headers, f"c{i}") for i in range(5)]
         await eventually(
-            lambda: in_flight(worker), until=lambda n: n == 1, what="the first execution"
+            lambda: worker_gauge(worker, "worker_executions_in_progress"),
+            until=lambda n: n == 1,
+            what="the first execution",
         )
 
         worker.signal(signal.SIGTERM)
@@ -124,7 +141,7 @@ class TestStoppedWorker:
         assert worker.logged("stopped")
         assert code == -signal.SIGTERM
         executed = worker.logged("campaign executed")
-        assert len(executed) == 1  # the one in hand finished: row written, acked
+        assert len(executed) == 1  # the one under way finished: row written, acked
         # Nothing lost: another worker takes over the four the first one gave back.
         successor = start_worker()
         await successor.start()
