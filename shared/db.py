@@ -115,6 +115,19 @@ def _sqlstate(exc: BaseException) -> str | None:
     return None
 
 
+# SQLSTATE classes that blame the statement's values: data exceptions (a NUL character, a value
+# out of range) and integrity constraint violations.
+_VALUES_CLASSES = ("22", "23")
+
+
+def values_refused(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database refuses the values of this statement, so that the same
+    statement with other values would pass: the item is at fault, not the database. A read-only
+    database (a failover), a missing privilege or table refuse every statement instead."""
+    state = _sqlstate(exc)
+    return state is not None and state.startswith(_VALUES_CLASSES)
+
+
 def database_unavailable(exc: BaseException) -> bool:
     """Whether ``exc`` says the database could not be reached or is not taking work right now
     (worth retrying later), as opposed to refusing this query."""

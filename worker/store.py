@@ -6,10 +6,12 @@ is executed), and the batch's rows (after). Nothing is acknowledged before its o
 committed: every statement here is atomic by itself and runs in autocommit, so a batch costs one
 round trip, with no pool checkout, BEGIN or COMMIT around it.
 
-A statement that cannot reach the database is retried with backoff for as long as it takes (or
-until the worker stops): the batch's messages are held, neither acknowledged nor dead-lettered,
-and no attempt of a campaign is spent on an outage. A batch the database refuses (not an
-outage) is tried again item by item, so one bad item fails alone.
+A statement that cannot reach the database, or that the database refuses whatever its values
+(read-only after a failover, a privilege or a table missing after a bad deploy), is retried with
+backoff for as long as it takes (or until the worker stops), on a new connection each time: the
+batch's messages are held, neither acknowledged nor dead-lettered, and no attempt of a campaign
+is spent on it. A batch whose values the database refuses (a data exception or a constraint
+violation) is tried again item by item, so one bad item fails alone.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.types import Integer, String, Text, Uuid
 
 from shared import spans
-from shared.db import database_unavailable
+from shared.db import database_unavailable, values_refused
 from shared.events import CampaignCreated
 from shared.models import JobStatus
 
@@ -266,8 +268,8 @@ class JobLogStore:
     async def _answer(
         self, statement: Statement[Item, Answer], items: Sequence[Item], *, refused: Answer
     ) -> list[Answer]:
-        """The statement's answers; an item the database refuses (bad values, not an outage)
-        gets ``refused``, and the others their own answers."""
+        """The statement's answers; an item whose values the database refuses gets
+        ``refused``, and the others their own answers."""
         try:
             return await self._retrying(statement, items)
         except ShuttingDown:
@@ -297,13 +299,16 @@ class JobLogStore:
             try:
                 return await statement(self._connection, items)
             except Exception:
-                await self._close()
+                # Not back to the pool: it may be bound to a node that now refuses writes.
+                await self._close(discard=True)
                 raise
 
-    async def _close(self) -> None:
+    async def _close(self, *, discard: bool = False) -> None:
         connection, self._connection = self._connection, None
         if connection is not None:
             with contextlib.suppress(Exception):
+                if discard:
+                    await connection.invalidate()
                 await connection.close()
 
     async def _retrying(
@@ -313,15 +318,26 @@ class JobLogStore:
         while True:
             try:
                 return await self._run(statement, items)
+            except ShuttingDown:
+                raise
             except Exception as exc:
-                if not database_unavailable(exc):
-                    raise
+                if values_refused(exc):
+                    raise  # this batch's values: _answer finds the item at fault
                 if self._stopping.is_set():
                     raise ShuttingDown from exc
-                logger.warning(
-                    "database unavailable; holding the messages and retrying",
-                    extra={"error": repr(exc), "retry_in_seconds": delay},
-                )
+                if database_unavailable(exc):
+                    logger.warning(
+                        "database unavailable; holding the messages and retrying",
+                        extra={"error": repr(exc), "retry_in_seconds": delay},
+                    )
+                else:
+                    # Refused whatever the values: dead-lettering would throw away every
+                    # campaign, executed already, until someone mends the database.
+                    logger.error(
+                        "the database refuses the statement, not its values; holding the "
+                        "messages and retrying",
+                        extra={"error": repr(exc), "retry_in_seconds": delay},
+                    )
             try:
                 await asyncio.wait_for(self._stopping.wait(), timeout=delay)
             except TimeoutError:

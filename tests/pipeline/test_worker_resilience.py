@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import signal
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -249,6 +250,63 @@ class TestDatabaseOutage:
         assert during["in_flight"] == 1
         assert sum(during["outcomes"].values()) == 0  # nothing settled while the db was away
         assert steps(jobs) == [("success", 1)]  # no attempt was spent on the outage
+
+    async def test_a_database_refusing_every_write_holds_the_message_then_it_is_written(
+        self,
+        database_url: str,
+        amqp_url: str,
+        campaign_client: httpx.AsyncClient,
+        headers: dict[str, str],
+        rabbit_admin: RabbitAdmin,
+        vhost: str,
+        db: asyncpg.Connection,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        """As after a failover that leaves the worker's connections on a read-only node: the
+        database refuses every INSERT, whatever its values. Not the event's fault: the worker
+        holds it (it does not dead-letter a campaign it has executed), and writes its row on a
+        new connection once the database takes writes again."""
+        database = urlsplit(database_url).path.lstrip("/")
+        campaign = await create_campaign(campaign_client, headers, "during the read-only spell")
+        await eventually(
+            lambda: db.fetchval("SELECT count(*) FROM outbox"),
+            until=lambda n: n == 0,
+            what="the event published and its outbox row deleted",
+        )
+        caplog.set_level(logging.ERROR, logger="worker.store")
+
+        async def tries_and_dead_letters() -> tuple[int, int]:
+            tries = sum("refuses the statement, not its values" in m for m in caplog.messages)
+            return tries, len(await rabbit_admin.peek(vhost, "campaign.deadletter"))
+
+        await db.execute(f'ALTER DATABASE "{database}" SET default_transaction_read_only = on')
+        try:
+            # Its connections are opened from now on: read-only, as on a standby.
+            worker = create_worker_app(make_worker_settings(database_url, amqp_url))
+            async with worker.router.lifespan_context(worker):
+                await wait_ready(worker)
+                # The write tried again, or (what must not happen) the event dead-lettered.
+                await eventually(
+                    tries_and_dead_letters,
+                    until=lambda seen: seen[0] >= 2 or seen[1] > 0,
+                    what="the refused write tried again",
+                )
+                during: dict[str, Any] = {
+                    "jobs": await jobs_of(campaign_client, headers, campaign["id"]),
+                    "dead": await rabbit_admin.peek(vhost, "campaign.deadletter"),
+                    "outcomes": await outcomes(worker),
+                    "in_flight": await value(worker, "worker_messages_in_flight"),
+                }
+                await db.execute(f'ALTER DATABASE "{database}" RESET default_transaction_read_only')
+                jobs = await wait_for_jobs(campaign_client, headers, campaign["id"], timeout=15)
+        finally:
+            await db.execute(f'ALTER DATABASE "{database}" RESET default_transaction_read_only')
+
+        assert during["jobs"] == []
+        assert during["dead"] == []
+        assert during["in_flight"] == 1
+        assert sum(during["outcomes"].values()) == 0  # nothing settled while writes were refused
+        assert steps(jobs) == [("success", 1)]
 
     async def test_a_stopping_worker_requeues_what_it_holds(
         self,
