@@ -213,17 +213,22 @@ class OutboxRelay:
         deleted by :meth:`delete_published`. What cannot be published now (the broker away, or
         refusing) is left to the poll."""
         taken, self._ready = self._ready, []
-        now = time.monotonic()
-        self._report_overflow(now)  # what overflowed since the last line, once it is due
-        fresh_since = now - self._fresh_seconds
-        messages = [message for handed, message in taken if handed >= fresh_since]
+        self._report_overflow(time.monotonic())  # what overflowed since the last line, if due
+        loop = asyncio.get_running_loop()
         published = 0
-        for start in range(0, len(messages), self._batch_size):
-            batch = messages[start : start + self._batch_size]
+        for start in range(0, len(taken), self._batch_size):
+            # Fresh as this batch starts, not as the pass did: with slow confirms a pass takes
+            # long, and what the poll may take by now is the poll's.
+            fresh_since = time.monotonic() - self._fresh_seconds
+            batch = [
+                m for handed, m in taken[start : start + self._batch_size] if handed >= fresh_since
+            ]
+            if not batch:
+                continue
             if not await self._broker.ping(timeout=0.05):
                 logger.warning(
                     "broker unavailable; outbox rows left for the poll",
-                    extra={"rows": len(messages) - start},
+                    extra={"rows": len(taken) - start},
                 )
                 break
             results = await self._publish_all(batch)
@@ -243,9 +248,12 @@ class OutboxRelay:
                 # Published: counted now, whatever happens to the delete.
                 self._metrics.outbox_published.inc(len(confirmed))
                 if not self._published:
-                    self._delete_due = asyncio.get_running_loop().time() + self._delete_linger
+                    self._delete_due = loop.time() + self._delete_linger
                 self._published.extend(confirmed)
             published += len(confirmed)
+            if self._published and loop.time() >= self._delete_due:
+                # Confirmed rows wait no longer than their linger, however long the pass.
+                await self._guarded(functools.partial(self.delete_published, now=True))
         return published
 
     async def delete_published(self, *, now: bool = False) -> int:

@@ -432,6 +432,58 @@ class TestFastPath:
         )
         assert by_each == ([5, 0] if by_writer else [0, 5])
 
+    async def test_a_slow_pass_leaves_to_the_poll_what_it_no_longer_owns(
+        self,
+        database_url: str,
+        amqp_url: str,
+        user_client: httpx.AsyncClient,
+        db: asyncpg.Connection,
+        tenant: str,
+    ) -> None:
+        """The writer's broker confirms slowly (1.5 s a batch of 2) while another replica polls
+        every 50 ms: one commit of 10 events takes the writer's fast path 7.5 s, past the claim
+        window (4 s). It deletes what it published as it goes, and what has gone stale by the
+        time a batch starts is the poll's: each event is published once."""
+        settings = make_campaign_settings(
+            database_url,
+            amqp_url,
+            outbox_batch_size=2,
+            outbox_poll_interval_seconds=0.05,
+            outbox_claim_after_seconds=4.0,
+        )
+        async with (
+            running_campaigns(settings, user_client) as (writer, _),
+            running_campaigns(settings, user_client) as (other, _),
+        ):
+            channels = writer.state.relay._channels
+            publish_now = channels.publish
+
+            async def publish_slowly(body: bytes, **options: Any) -> None:
+                await asyncio.sleep(1.5)
+                await publish_now(body, **options)
+
+            channels.publish = publish_slowly
+            events = [
+                CampaignCreated(tenant_id=tenant, campaign_id=uuid.uuid4(), name=f"slow {n}")
+                for n in range(10)
+            ]
+            async with writer.state.sessionmaker() as session, session.begin():
+                for created in events:
+                    await OutboxRepository(session).add(created)
+            await eventually(
+                lambda: outbox_rows(db, tenant), until=lambda rows: not rows, timeout=20
+            )
+            by_each = [
+                await value(app, "outbox_published_messages_total") for app in (writer, other)
+            ]
+
+        messages = await take_all(amqp_url, "worker.campaign.created")
+        assert sorted(str(m.message_id) for m in messages) == sorted(
+            str(e.event_id) for e in events
+        )
+        assert sum(by_each) == 10
+        assert by_each[1] > 0  # the poll took what the slow writer no longer owned
+
 
 def count_statements(engine: AsyncEngine, prefix: str) -> list[str]:
     """The statements starting with ``prefix`` that ``engine`` runs from now on."""
