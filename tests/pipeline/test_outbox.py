@@ -432,6 +432,29 @@ class TestFastPath:
         )
         assert by_each == ([5, 0] if by_writer else [0, 5])
 
+    async def test_a_pass_confirming_more_than_asyncpg_takes_parameters_deletes_its_rows(
+        self, db_engine: AsyncEngine, db: asyncpg.Connection, tenant: str
+    ) -> None:
+        """A pass may confirm up to ten batches (``OUTBOX_BATCH_SIZE`` up to 10,000): more ids
+        than asyncpg takes parameters in one statement (32,767)."""
+        sessionmaker = create_sessionmaker(db_engine)
+        events = [
+            CampaignCreated(tenant_id=tenant, campaign_id=uuid.uuid4(), name=f"many {n}")
+            for n in range(3)
+        ]
+        async with sessionmaker() as session, session.begin():
+            for created in events:
+                await OutboxRepository(session).add(created)
+        assert len(await outbox_rows(db, tenant)) == 3
+        published = [row["id"] for row in await outbox_rows(db, tenant)] + [
+            uuid.uuid4() for _ in range(40_000)
+        ]
+
+        async with sessionmaker() as session, session.begin():
+            await OutboxRepository(session).delete(published)
+
+        assert await outbox_rows(db, tenant) == []
+
     async def test_a_slow_pass_leaves_to_the_poll_what_it_no_longer_owns(
         self,
         database_url: str,
