@@ -3,7 +3,8 @@
 A request gets one session from :func:`get_session`; it commits when the endpoint returns and
 rolls back when it raises. Services and repositories never commit: they ``flush`` when they need
 the database to speak (an id, a unique violation). The dependency uses FastAPI's
-``scope="function"`` so the commit happens *before* the response is sent: a 201 means committed.
+``scope="function"`` so the commit happens *before* the response is sent: a 201 means committed
+(a transaction in which a statement failed does not commit: :class:`TransactionAborted`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from typing import Annotated, Any, NamedTuple
 
 from fastapi import Depends, Request
 from opentelemetry.instrumentation.utils import suppress_instrumentation
-from sqlalchemy import Insert, MetaData, text
+from sqlalchemy import Connection, Insert, MetaData, event, text
+from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import (
@@ -68,7 +70,65 @@ def create_engine(settings: DatabaseSettings, *, application_name: str) -> Async
         },
     )
     trace_statements(engine)
+    refuse_commits_of_aborted_transactions(engine)
     return engine
+
+
+class TransactionAborted(Exception):
+    """A commit of a transaction in which a statement failed: PostgreSQL rolls it back."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "a statement failed in this transaction, so the database rolls it back: not "
+            "committed (roll back to a savepoint taken before the statement to go on)"
+        )
+
+
+# In Connection.info: a statement failed in the transaction under way, and no rollback to a
+# savepoint has undone it since.
+_ABORTED = "transaction_aborted"
+
+
+def refuse_commits_of_aborted_transactions(engine: AsyncEngine) -> None:
+    """Make a commit raise :class:`TransactionAborted` once a statement of its transaction has
+    failed, instead of returning as if it had committed.
+
+    PostgreSQL answers COMMIT of such a transaction with a ROLLBACK, and neither asyncpg nor
+    SQLAlchemy says so: code that caught the error and went on would report committed (a 201)
+    what the database threw away, and the session's ``after_commit`` hooks would run (the
+    outbox relay would publish events of rows that do not exist). A rollback to a savepoint
+    undoes the failure, as it does in the database: a savepoint can only be taken before it."""
+    sync_engine = engine.sync_engine
+
+    def failed(context: ExceptionContext) -> None:
+        connection = context.connection
+        if (
+            connection is not None
+            and isinstance(context.sqlalchemy_exception, DBAPIError)  # it reached the server
+            and connection.in_transaction()
+            and connection.get_execution_options().get("isolation_level") != "AUTOCOMMIT"
+        ):
+            connection.info[_ABORTED] = True
+
+    def clear(connection: Connection, *_: Any) -> None:
+        connection.info.pop(_ABORTED, None)
+
+    def commit(connection: Connection) -> None:
+        if connection.info.pop(_ABORTED, False):
+            # What COMMIT would have done. SQLAlchemy counts the transaction as ended either
+            # way, so nothing else rolls it back: the connection would go back to the pool, and
+            # to its next user, inside the aborted transaction.
+            try:
+                connection.connection.rollback()
+            except Exception:
+                connection.invalidate()  # in an unknown state: closed, not pooled
+            raise TransactionAborted()
+
+    event.listen(sync_engine, "handle_error", failed)
+    event.listen(sync_engine, "begin", clear)
+    event.listen(sync_engine, "rollback", clear)
+    event.listen(sync_engine, "rollback_savepoint", clear)
+    event.listen(sync_engine, "commit", commit)
 
 
 def create_sessionmaker(

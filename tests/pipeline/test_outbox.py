@@ -15,14 +15,15 @@ import asyncpg
 import httpx
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import event, insert, update
+from sqlalchemy import event, insert, text, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from campaign_service.app import create_app as create_campaign_app
 from campaign_service.outbox import relay as relay_module
 from campaign_service.outbox.repository import OutboxRepository
 from campaign_service.settings import CampaignServiceSettings
-from shared.db import Write, create_sessionmaker
+from shared.db import TransactionAborted, Write, create_sessionmaker
 from shared.events import CampaignCreated
 from shared.models import OutboxMessage
 from tests.pipeline.conftest import (
@@ -320,6 +321,45 @@ class TestFastPath:
         await eventually(published, until=lambda seen: len(seen) >= len(kept))
         await eventually(lambda: outbox_rows(db, tenant), until=lambda rows: not rows)
         assert sorted(await published()) == sorted(e.name for e in kept)
+
+    async def test_a_transaction_the_database_aborted_publishes_nothing(
+        self,
+        campaign_app: FastAPI,
+        amqp_url: str,
+        db: asyncpg.Connection,
+        tenant: str,
+    ) -> None:
+        """A statement failed and its error was caught: the database rolls the transaction back
+        at COMMIT, so the commit raises, and the event of a row that does not exist stays."""
+
+        def event(name: str) -> CampaignCreated:
+            return CampaignCreated(tenant_id=tenant, campaign_id=uuid.uuid4(), name=name)
+
+        async with campaign_app.state.sessionmaker() as session:
+            outbox = OutboxRepository(session)
+            await outbox.add(event("aborted"))
+            with contextlib.suppress(DBAPIError):
+                await session.execute(text("SELECT 1 / 0"))
+            try:
+                await session.commit()
+            except TransactionAborted as exc:
+                refused: TransactionAborted | None = exc
+            else:
+                refused = None
+            await session.rollback()
+            await outbox.add(event("kept"))  # committed after: it shows the relay has spoken
+            await session.commit()
+
+        names: list[str] = []
+
+        async def published() -> list[str]:
+            names.extend(json.loads(m.body)["name"] for m in await take_all(amqp_url, QUEUE))
+            return names
+
+        await eventually(published, until=lambda seen: "kept" in seen)
+        await eventually(lambda: outbox_rows(db, tenant), until=lambda rows: not rows)
+        assert await published() == ["kept"]
+        assert refused is not None
 
     async def test_a_burst_beyond_what_the_fast_path_holds_is_published_once(
         self,
