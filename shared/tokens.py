@@ -227,8 +227,10 @@ class TokenVerifier:
     async def _verify(self, token: str) -> tuple[Principal, str, Key]:
         try:
             header = jws.extract_compact(token.encode("ascii")).headers()
-        except (JoseError, ValueError, UnicodeError) as exc:
+        except (JoseError, ValueError, UnicodeError, TypeError) as exc:
             raise InvalidToken() from exc
+        if not isinstance(header, dict):  # JSON, but not an object: joserfc lets it through
+            raise InvalidToken()
         kid = header.get("kid")
         if header.get("alg") not in self._algorithms or not isinstance(kid, str):
             raise InvalidToken()

@@ -44,7 +44,20 @@ class TestAuthentication:
             assert response.headers["www-authenticate"] == "Bearer"
             assert response.json() == {"detail": "Not authenticated"}
 
-    @pytest.mark.parametrize("kind", ["expired", "tampered", "foreign-key", "garbage", "audience"])
+    @pytest.mark.parametrize(
+        "kind",
+        [
+            "expired",
+            "tampered",
+            "foreign-key",
+            "garbage",
+            "audience",
+            # A protected header that is JSON but not an object (joserfc lets it through).
+            "header-string",
+            "header-list",
+            "header-string-b64",
+        ],
+    )
     async def test_bad_tokens(
         self,
         campaign_client: httpx.AsyncClient,
@@ -73,6 +86,9 @@ class TestAuthentication:
                 foreign,
                 algorithms=["Ed25519"],
             )
+        elif kind.startswith("header-"):
+            not_an_object = {"header-string": "alg", "header-list": ["alg"]}.get(kind, "algb64")
+            token = f"{b64(json.dumps(not_an_object).encode())}.{payload}.{signature}"
         else:
             token = "not.a.token"
 
