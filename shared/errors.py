@@ -10,9 +10,11 @@ import logging
 from typing import Any, ClassVar
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy.exc import SQLAlchemyError
+from starlette.exceptions import HTTPException
 
 from shared.db import database_unavailable
 
@@ -84,9 +86,26 @@ async def _validation_error_handler(request: Request, exc: Exception) -> JSONRes
     return JSONResponse({"detail": validation_detail(exc.errors())}, status_code=422)
 
 
+# FastAPI's answer to a JSON body its parser raised on with anything but a JSONDecodeError:
+# bytes that are not UTF-8, an integer beyond Python's digit limit, nesting beyond its recursion
+# limit.
+_UNPARSED_BODY = "There was an error parsing the body"
+
+
+async def _http_error_handler(request: Request, exc: Exception) -> Response:
+    """FastAPI's, except that a body it could not parse is a 422 naming ``body``, as a body
+    that is not JSON at all is, not a 400 with a string ``detail``."""
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 400 and exc.detail == _UNPARSED_BODY:
+        detail = [{"loc": ["body"], "msg": "JSON decode error", "type": "json_invalid"}]
+        return JSONResponse({"detail": detail}, status_code=422)
+    return await http_exception_handler(request, exc)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(DomainError, _domain_error_handler)
     app.add_exception_handler(RequestValidationError, _validation_error_handler)
+    app.add_exception_handler(HTTPException, _http_error_handler)
     # A dependency that is away (the database, mostly) surfaces as one of these.
     for outage in (SQLAlchemyError, OSError, TimeoutError):
         app.add_exception_handler(outage, _database_error_handler)

@@ -18,6 +18,7 @@ from campaign_service.app import create_app as create_campaign_app
 from shared.models.campaigns import CAMPAIGN_DESCRIPTION_MAX_LENGTH, CAMPAIGN_NAME_MAX_LENGTH
 from shared.tokens import KeyConfigurationError
 from tests.pipeline.conftest import make_campaign_settings
+from tests.support.bodies import NOT_JSON
 from tests.support.campaigns import create_campaign
 from tests.user_service.test_tokens import b64, unb64
 from user_service.settings import UserServiceSettings
@@ -233,16 +234,24 @@ class TestCreateCampaign:
 
         assert len(campaign["name"]) == CAMPAIGN_NAME_MAX_LENGTH
 
+    @pytest.mark.parametrize("content", NOT_JSON)
     async def test_non_json_body(
-        self, campaign_client: httpx.AsyncClient, headers: dict[str, str]
+        self,
+        campaign_client: httpx.AsyncClient,
+        headers: dict[str, str],
+        db: asyncpg.Connection,
+        tenant: str,
+        content: bytes,
     ) -> None:
         response = await campaign_client.post(
             "/campaigns",
-            content=b"name=x",
+            content=content,
             headers={**headers, "content-type": "application/json"},
         )
 
         assert response.status_code == 422
+        assert [error["loc"][0] for error in response.json()["detail"]] == ["body"]
+        assert await db.fetchval("SELECT count(*) FROM campaigns WHERE tenant_id = $1", tenant) == 0
 
 
 class TestTenantIsolation:

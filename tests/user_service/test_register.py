@@ -12,6 +12,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from tests.support.bodies import NOT_JSON
 from user_service.users.schemas import PASSWORD_MAX_LENGTH, PASSWORD_MIN_LENGTH
 
 PASSWORD = "correct horse battery staple"
@@ -177,11 +178,13 @@ class TestRegisterValidation:
         assert response.status_code == 422
         assert "short1" not in response.text
 
-    async def test_non_json_body(self, user_client: httpx.AsyncClient) -> None:
+    @pytest.mark.parametrize("content", NOT_JSON)
+    async def test_non_json_body(self, user_client: httpx.AsyncClient, content: bytes) -> None:
         response = await user_client.post(
-            "/register", content=b"tenant_id=acme", headers={"content-type": "application/json"}
+            "/register", content=content, headers={"content-type": "application/json"}
         )
 
+        assert response.status_code == 422
         assert failing_fields(response)[0][0] == "body"
 
     async def test_oversized_body_with_declared_length(
