@@ -7,8 +7,9 @@ A token is accepted only when all of this holds:
   most every ``min_refresh_seconds`` when an unknown ``kid`` shows up, so a rotated key is found
   without a restart) or from keys given in configuration;
 - the signature verifies with that key;
-- ``iss`` and ``aud`` are ours, ``exp`` is in the future, and ``sub``, ``tenant_id``, ``iat``
-  and ``jti`` are present and well-formed.
+- ``iss`` and ``aud`` are ours, ``exp`` is in the future, ``iat`` (and ``nbf``, if any) not
+  more than a clock skew ahead of ours, and ``sub``, ``tenant_id``, ``iat`` and ``jti`` are
+  present and well-formed.
 
 joserfc's ``jwt.decode`` checks only the signature; the claims go through ``JWTClaimsRegistry``.
 """
@@ -21,7 +22,7 @@ import re
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Protocol
@@ -29,7 +30,7 @@ from typing import Any, ClassVar, Protocol
 import httpx
 from joserfc import jws, jwt
 from joserfc.errors import JoseError
-from joserfc.jwk import Key, KeySet, OKPKey
+from joserfc.jwk import Key, KeySet, KeySetSerialization, OKPKey
 
 from shared.errors import ServiceUnavailable, Unauthorized
 from shared.tenancy import TENANT_ID_PATTERN
@@ -120,9 +121,11 @@ class JWKSKeys:
         *,
         ttl_seconds: float = 300.0,
         min_refresh_seconds: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.url = url
         self._client = client
+        self._clock = clock
         self._ttl = ttl_seconds
         self._min_refresh = min_refresh_seconds
         self._keys: dict[str, Key] = {}
@@ -140,7 +143,7 @@ class JWKSKeys:
         return self._keys.get(kid)
 
     def _should_fetch(self, kid: str) -> bool:
-        now = time.monotonic()
+        now = self._clock()
         if self._failed_at is not None and now - self._failed_at < self._RETRY_SECONDS:
             return False
         if self._fetched_at is None or now - self._fetched_at > self._ttl:
@@ -151,23 +154,55 @@ class JWKSKeys:
         try:
             response = await self._client.get(self.url, timeout=5.0)
             response.raise_for_status()
-            key_set = KeySet.import_key_set(response.json())
-        except (httpx.HTTPError, JoseError, ValueError) as exc:
+            key_set = KeySet.import_key_set(_key_set_document(response.json()))
+        except (httpx.HTTPError, JoseError, ValueError, KeyError, TypeError) as exc:
             logger.warning("JWKS fetch failed", extra={"url": self.url, "error": repr(exc)})
-            self._failed_at = time.monotonic()
-            if self._fetched_at is not None:
-                self._fetched_at = time.monotonic()  # keep the old keys; retry after the pause
+            # The old keys stay, and stay due for a refresh: the next is tried after the pause,
+            # not a whole TTL later (a key removed meanwhile must not stay trusted that long).
+            self._failed_at = self._clock()
             return
         # An unchanged key keeps its object, so tokens remembered by TokenVerifier (which holds
         # the key that verified them) stay remembered across refreshes.
         self._keys = {key.kid: self._unchanged(key) for key in key_set if key.kid}
-        self._fetched_at = time.monotonic()
+        self._fetched_at = self._clock()
         self._failed_at = None
         logger.debug("JWKS fetched", extra={"url": self.url, "keys": len(self._keys)})
 
     def _unchanged(self, key: Key) -> Key:
         known = self._keys.get(key.kid or "")
         return known if known is not None and known.thumbprint() == key.thumbprint() else key
+
+
+def _key_set_document(document: Any) -> KeySetSerialization:
+    """``document`` if it is shaped as a JWKS (an object whose ``keys`` is a list of objects):
+    a URL that answers other JSON (a health check, say) is a failed fetch, not a crash."""
+    keys = document.get("keys") if isinstance(document, dict) else None
+    if not isinstance(keys, list) or not all(isinstance(key, dict) for key in keys):
+        raise ValueError("not a JWKS document")
+    return KeySetSerialization(keys=keys)
+
+
+# Clocks differ a little between hosts, and joserfc compares whole seconds: a token is refused as
+# "issued in the future" (iat) or "not yet valid" (nbf) only beyond this; exp keeps the leeway
+# configured (JWT_LEEWAY_SECONDS, none by default).
+CLOCK_SKEW_SECONDS = 60
+
+
+class _ClaimsRegistry(jwt.JWTClaimsRegistry):
+    """joserfc's registry, with :data:`CLOCK_SKEW_SECONDS` of leeway for ``iat`` and ``nbf``."""
+
+    def validate_iat(self, value: object) -> None:
+        self._with_skew(super().validate_iat, value)
+
+    def validate_nbf(self, value: object) -> None:
+        self._with_skew(super().validate_nbf, value)
+
+    def _with_skew(self, validate: Callable[[object], None], value: object) -> None:
+        leeway, self.leeway = self.leeway, max(self.leeway, CLOCK_SKEW_SECONDS)
+        try:
+            validate(value)
+        finally:
+            self.leeway = leeway
 
 
 class TokenVerifier:
@@ -195,7 +230,7 @@ class TokenVerifier:
         self._cache_size = cache_size
         self._cache_seconds = cache_seconds
         self._max_lifetime = max_lifetime_seconds
-        self._claims = jwt.JWTClaimsRegistry(
+        self._claims = _ClaimsRegistry(
             leeway=leeway_seconds,
             iss={"essential": True, "value": issuer},
             aud={"essential": True, "value": audience},

@@ -18,7 +18,7 @@ import pytest
 from joserfc import jwt
 from joserfc.jwk import KeySet, OKPKey
 
-from shared.tokens import InvalidToken, JWKSKeys, StaticKeys, TokenVerifier
+from shared.tokens import InvalidToken, JWKSKeys, KeysUnavailable, StaticKeys, TokenVerifier
 from tests.support.users import USER_SERVICE_URL, new_private_key_pem
 from user_service.settings import UserServiceSettings
 from user_service.tokens.keys import load_signing_keys
@@ -88,6 +88,13 @@ def claims(settings: UserServiceSettings, **changes: Any) -> dict[str, Any]:
     }
     base.update(changes)
     return {key: value for key, value in base.items() if value is not None}
+
+
+def sign_any(settings: UserServiceSettings) -> str:
+    """A well-formed token under a key of its own (for a verifier that never gets that far)."""
+    key = OKPKey.generate_key("Ed25519")
+    header = {"alg": "Ed25519", "kid": key.thumbprint()}
+    return jwt.encode(header, claims(settings), key, algorithms=["Ed25519"])
 
 
 class TestTokenVerification:
@@ -188,6 +195,48 @@ class TestTokenVerification:
         with pytest.raises(InvalidToken):
             await verifier.verify(garbage)
 
+    @pytest.mark.parametrize("claim", ["iat", "nbf"])
+    async def test_a_clock_ahead_of_ours_by_a_skew_is_accepted_and_by_more_refused(
+        self,
+        verifier: TokenVerifier,
+        sign: Callable[..., str],
+        user_settings: UserServiceSettings,
+        claim: str,
+    ) -> None:
+        """The issuer's host may run ahead of the verifier's: a token used the moment it is
+        issued must pass (joserfc compares whole seconds, so even 0.1 s of skew refused some)."""
+        now = int(time.time())
+        ahead = sign(claims(user_settings, **{claim: now + 30}, exp=now + 90))
+        assert (await verifier.verify(ahead)).tenant_id == "acme"
+
+        with pytest.raises(InvalidToken):
+            await verifier.verify(sign(claims(user_settings, **{claim: now + 120}, exp=now + 180)))
+
+    @pytest.mark.parametrize(
+        "document",
+        [{}, {"status": "ok"}, {"keys": None}, [], {"keys": [1]}],
+        ids=["empty", "health-check", "null-keys", "array", "key-not-object"],
+    )
+    async def test_a_jwks_url_answering_other_json_is_an_unavailable_jwks(
+        self, user_settings: UserServiceSettings, document: Any
+    ) -> None:
+        """503 (KeysUnavailable), not a 500, and not a fetch for every request."""
+        transport = CountingTransport(
+            httpx.MockTransport(lambda _: httpx.Response(200, json=document))
+        )
+        async with httpx.AsyncClient(transport=transport) as client:
+            verifier = TokenVerifier(
+                keys=JWKSKeys(JWKS_URL, client),
+                issuer=user_settings.jwt_issuer,
+                audience=user_settings.jwt_audience,
+            )
+            token = sign_any(user_settings)
+            for _ in range(3):
+                with pytest.raises(KeysUnavailable):
+                    await verifier.verify(token)
+
+        assert transport.requests == 1  # retried after a pause, not at once
+
     async def test_jwks_is_fetched_once_and_cached_by_kid(
         self, user_client: httpx.AsyncClient, user_settings: UserServiceSettings, tenant: str
     ) -> None:
@@ -229,6 +278,35 @@ class TestRememberedTokens:
             assert (await verifier.verify(token)).tenant_id == tenant  # verified, remembered
             async with start_user_service(jwt_private_key=new_pem) as new_service:
                 keys._client = new_service  # the old key is no longer published
+
+                with pytest.raises(InvalidToken):
+                    await verifier.verify(token)
+
+    async def test_a_failed_refresh_does_not_keep_a_removed_key_for_another_ttl(
+        self, start_user_service: Any, user_settings: UserServiceSettings, tenant: str
+    ) -> None:
+        """The JWKS is away when its TTL runs out, then comes back without the old key: the old
+        key's tokens go at the next try, a second later, not a whole TTL after the failure."""
+        now = 0.0
+        old_pem, new_pem = new_private_key_pem(), new_private_key_pem()
+
+        def unreachable(request: httpx.Request) -> httpx.Response:
+            raise httpx.ConnectError("connection refused", request=request)
+
+        async with (
+            start_user_service(jwt_private_key=old_pem) as old_service,
+            httpx.AsyncClient(transport=httpx.MockTransport(unreachable)) as away,
+        ):
+            keys = JWKSKeys(JWKS_URL, old_service, ttl_seconds=300, clock=lambda: now)
+            verifier = TokenVerifier(
+                keys=keys, issuer=user_settings.jwt_issuer, audience=user_settings.jwt_audience
+            )
+            token = await token_for(old_service, tenant)
+            assert (await verifier.verify(token)).tenant_id == tenant
+            keys._client, now = away, 301.0  # due for a refresh, which fails: the keys stay
+            assert (await verifier.verify(token)).tenant_id == tenant
+            async with start_user_service(jwt_private_key=new_pem) as new_service:
+                keys._client, now = new_service, 303.0  # back, without the old key
 
                 with pytest.raises(InvalidToken):
                     await verifier.verify(token)
