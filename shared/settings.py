@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 from typing import Self
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -24,8 +24,15 @@ DEV_RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/"
 KNOWN_DEV_PASSWORDS = frozenset({"campaigns-dev-password", "change-me", "guest", "postgres"})
 
 
+def _credentials(url: str) -> tuple[str, str]:
+    """The URL's user and password as the drivers use them: percent-decoded (``%67uest`` is
+    ``guest`` to asyncpg and aio-pika alike)."""
+    parts = urlsplit(url)
+    return unquote(parts.username or ""), unquote(parts.password or "")
+
+
 def _weak_password(url: str) -> bool:
-    password = urlsplit(url).password
+    password = _credentials(url)[1]
     return not password or password in KNOWN_DEV_PASSWORDS
 
 
@@ -106,8 +113,7 @@ class BrokerSettings(CommonSettings):
 
     def production_problems(self) -> list[str]:
         problems = super().production_problems()
-        amqp = urlsplit(self.rabbitmq_url)
-        if amqp.username in (None, "", "guest") or _weak_password(self.rabbitmq_url):
+        if _credentials(self.rabbitmq_url)[0] in ("", "guest") or _weak_password(self.rabbitmq_url):
             problems.append(
                 "RABBITMQ_URL must name a user other than guest, with a password of its own"
                 " (not a development one)"

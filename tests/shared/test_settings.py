@@ -63,6 +63,25 @@ class TestProductionRefusesDevelopmentDefaults:
                 {**DATABASE, "rabbitmq_url": "amqp://app@rabbitmq:5672/"},
                 "RABBITMQ_URL",
             ),
+            # Percent-encoded, as the drivers decode them.
+            (
+                WorkerSettings,
+                {
+                    **BROKER,
+                    "database_url": "postgresql+asyncpg://campaigns:campaigns%2Ddev%2Dpassword@db/c",
+                },
+                "DATABASE_URL",
+            ),
+            (
+                WorkerSettings,
+                {**DATABASE, "rabbitmq_url": "amqp://%67uest:%67uest@rabbitmq:5672/"},
+                "RABBITMQ_URL",
+            ),
+            (
+                WorkerSettings,
+                {**DATABASE, "rabbitmq_url": "amqp://%67uest:strong-and-new@rabbitmq:5672/"},
+                "RABBITMQ_URL",
+            ),
         ],
     )
     def test_each_default_is_refused(
