@@ -48,6 +48,9 @@ HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
+# The gateway's own server sets these on every response (a second Date or Server from the
+# upstream would be a duplicate), and the request id is the gateway's.
+_NOT_RETURNED = frozenset({"x-request-id", "date", "server"})
 # Set by the client for the upstream connection, or by us. The gateway is the edge: whatever a
 # caller claims in X-Forwarded-* or Forwarded is dropped, and the gateway says who called.
 _NOT_FORWARDED = HOP_BY_HOP | {
@@ -185,7 +188,7 @@ class Proxy:
 
     def _respond(self, upstream: httpx2.Response, route: Route, request_id: str) -> Response:
         raw = upstream.headers.raw
-        drop = _hop_by_hop(raw) | {"x-request-id"}
+        drop = _hop_by_hop(raw) | _NOT_RETURNED
         # Keep repeated headers (Set-Cookie) and the upstream's exact bytes.
         headers = [
             (key.lower(), _public_location(route, value) if key.lower() == b"location" else value)

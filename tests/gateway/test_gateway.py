@@ -249,6 +249,8 @@ class TestForwarding:
         assert response.headers["x-upstream"] == "echo"
         assert "x-private" not in response.headers
         assert response.headers["content-type"] == "application/json"
+        assert len(response.headers.get_list("date")) == 1  # the gateway's, not two
+        assert len(response.headers.get_list("server")) <= 1
 
     async def test_request_id_is_generated_passed_on_and_returned(
         self, echo: tuple[Echo, str], capsys: pytest.CaptureFixture[str]
