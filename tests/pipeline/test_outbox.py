@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -44,6 +44,21 @@ QUEUE = "worker.campaign.created"
 async def outbox_rows(db: asyncpg.Connection, tenant: str) -> list[asyncpg.Record]:
     rows: list[asyncpg.Record] = await db.fetch("SELECT * FROM outbox WHERE tenant_id = $1", tenant)
     return rows
+
+
+def named_event(tenant: str, name: str) -> CampaignCreated:
+    return CampaignCreated(tenant_id=tenant, campaign_id=uuid.uuid4(), name=name)
+
+
+def published_names(amqp_url: str) -> Callable[[], Awaitable[list[str]]]:
+    """Each call takes what the queue holds now and returns the names of every event taken."""
+    names: list[str] = []
+
+    async def published() -> list[str]:
+        names.extend(json.loads(m.body)["name"] for m in await take_all(amqp_url, QUEUE))
+        return names
+
+    return published
 
 
 class TestPublishing:
@@ -286,7 +301,7 @@ class TestFastPath:
         transaction's own messages once."""
 
         def event(name: str) -> CampaignCreated:
-            return CampaignCreated(tenant_id=tenant, campaign_id=uuid.uuid4(), name=name)
+            return named_event(tenant, name)
 
         class Undo(Exception):
             pass
@@ -312,12 +327,7 @@ class TestFastPath:
                 async with session.begin_nested():
                     await outbox.add(kept[2])
 
-        names: list[str] = []
-
-        async def published() -> list[str]:
-            names.extend(json.loads(m.body)["name"] for m in await take_all(amqp_url, QUEUE))
-            return names
-
+        published = published_names(amqp_url)
         await eventually(published, until=lambda seen: len(seen) >= len(kept))
         await eventually(lambda: outbox_rows(db, tenant), until=lambda rows: not rows)
         assert sorted(await published()) == sorted(e.name for e in kept)
@@ -333,7 +343,7 @@ class TestFastPath:
         at COMMIT, so the commit raises, and the event of a row that does not exist stays."""
 
         def event(name: str) -> CampaignCreated:
-            return CampaignCreated(tenant_id=tenant, campaign_id=uuid.uuid4(), name=name)
+            return named_event(tenant, name)
 
         async with campaign_app.state.sessionmaker() as session:
             outbox = OutboxRepository(session)
@@ -350,12 +360,7 @@ class TestFastPath:
             await outbox.add(event("kept"))  # committed after: it shows the relay has spoken
             await session.commit()
 
-        names: list[str] = []
-
-        async def published() -> list[str]:
-            names.extend(json.loads(m.body)["name"] for m in await take_all(amqp_url, QUEUE))
-            return names
-
+        published = published_names(amqp_url)
         await eventually(published, until=lambda seen: "kept" in seen)
         await eventually(lambda: outbox_rows(db, tenant), until=lambda rows: not rows)
         assert await published() == ["kept"]
