@@ -109,10 +109,13 @@ class JWKSKeys:
     names a ``kid`` we have not seen, but never more often than ``min_refresh_seconds`` (so a
     flood of forged ``kid`` values cannot turn into a flood of fetches). A failed fetch keeps
     the keys we had; with none yet, verification answers 503 (:class:`KeysUnavailable`). After
-    a failure the fetch is tried again at most once a second.
+    a failure the fetch is tried again a second later; while it keeps failing with keys in hand,
+    the tries grow apart, up to ``_MAX_RETRY_SECONDS`` (each may hold requests for the fetch's
+    timeout, and the keys in hand still serve).
     """
 
     _RETRY_SECONDS = 1.0
+    _MAX_RETRY_SECONDS = 30.0
 
     def __init__(
         self,
@@ -131,6 +134,7 @@ class JWKSKeys:
         self._keys: dict[str, Key] = {}
         self._fetched_at: float | None = None
         self._failed_at: float | None = None
+        self._retry_after = self._RETRY_SECONDS
         self._lock = asyncio.Lock()
 
     async def get(self, kid: str) -> Key | None:
@@ -144,7 +148,7 @@ class JWKSKeys:
 
     def _should_fetch(self, kid: str) -> bool:
         now = self._clock()
-        if self._failed_at is not None and now - self._failed_at < self._RETRY_SECONDS:
+        if self._failed_at is not None and now - self._failed_at < self._retry_after:
             return False
         if self._fetched_at is None or now - self._fetched_at > self._ttl:
             return True
@@ -159,13 +163,15 @@ class JWKSKeys:
             logger.warning("JWKS fetch failed", extra={"url": self.url, "error": repr(exc)})
             # The old keys stay, and stay due for a refresh: the next is tried after the pause,
             # not a whole TTL later (a key removed meanwhile must not stay trusted that long).
+            if self._failed_at is not None and self._fetched_at is not None:
+                self._retry_after = min(2 * self._retry_after, self._MAX_RETRY_SECONDS)
             self._failed_at = self._clock()
             return
         # An unchanged key keeps its object, so tokens remembered by TokenVerifier (which holds
         # the key that verified them) stay remembered across refreshes.
         self._keys = {key.kid: self._unchanged(key) for key in key_set if key.kid}
         self._fetched_at = self._clock()
-        self._failed_at = None
+        self._failed_at, self._retry_after = None, self._RETRY_SECONDS
         logger.debug("JWKS fetched", extra={"url": self.url, "keys": len(self._keys)})
 
     def _unchanged(self, key: Key) -> Key:

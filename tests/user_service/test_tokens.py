@@ -6,6 +6,7 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import itertools
 import json
 import logging
 import time
@@ -88,6 +89,10 @@ def claims(settings: UserServiceSettings, **changes: Any) -> dict[str, Any]:
     }
     base.update(changes)
     return {key: value for key, value in base.items() if value is not None}
+
+
+def unreachable(request: httpx.Request) -> httpx.Response:
+    raise httpx.ConnectError("connection refused", request=request)
 
 
 def sign_any(settings: UserServiceSettings) -> str:
@@ -290,9 +295,6 @@ class TestRememberedTokens:
         now = 0.0
         old_pem, new_pem = new_private_key_pem(), new_private_key_pem()
 
-        def unreachable(request: httpx.Request) -> httpx.Response:
-            raise httpx.ConnectError("connection refused", request=request)
-
         async with (
             start_user_service(jwt_private_key=old_pem) as old_service,
             httpx.AsyncClient(transport=httpx.MockTransport(unreachable)) as away,
@@ -310,6 +312,30 @@ class TestRememberedTokens:
 
                 with pytest.raises(InvalidToken):
                     await verifier.verify(token)
+
+    async def test_while_the_jwks_stays_away_its_fetches_grow_apart(
+        self, user_client: httpx.AsyncClient, user_settings: UserServiceSettings, tenant: str
+    ) -> None:
+        """Each try may hold requests for the fetch's timeout: 1, 2, 4, 8, 16 s apart (at most
+        30), while the keys in hand serve."""
+        now = 0.0
+        keys = JWKSKeys(JWKS_URL, user_client, ttl_seconds=300, clock=lambda: now)
+        verifier = TokenVerifier(
+            keys=keys, issuer=user_settings.jwt_issuer, audience=user_settings.jwt_audience
+        )
+        token = await token_for(user_client, tenant)
+        assert (await verifier.verify(token)).tenant_id == tenant
+        tries = CountingTransport(httpx.MockTransport(unreachable))
+        tried_at: list[float] = []
+        async with httpx.AsyncClient(transport=tries) as away:
+            keys._client = away
+            for tenth in range(3010, 3400):  # every 0.1 s from the TTL's end, for 39 s
+                now, before = tenth / 10, tries.requests
+                assert (await verifier.verify(token)).tenant_id == tenant
+                if tries.requests > before:
+                    tried_at.append(now)
+
+        assert [round(b - a, 1) for a, b in itertools.pairwise(tried_at)] == [1, 2, 4, 8, 16]
 
     async def test_a_remembered_token_stays_remembered_across_jwks_refreshes(
         self,
