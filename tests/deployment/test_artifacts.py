@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ import yaml
 from campaign_service.settings import CampaignServiceSettings
 from gateway.settings import GatewaySettings
 from shared.settings import CommonSettings, DatabaseSettings
+from tests.deployment.test_package import PACKAGES
 from tests.support.processes import ROOT
 from user_service.settings import UserServiceSettings
 from worker.settings import WorkerSettings
@@ -196,6 +199,27 @@ class TestImage:
         assert re.search(r"^USER app$", self.DOCKERFILE, re.M)
         assert re.search(r"^HEALTHCHECK ", self.DOCKERFILE, re.M)
 
+    def stage(self, name: str) -> str:
+        start = re.search(rf"^FROM .* AS {name}$", self.DOCKERFILE, re.M)
+        assert start, name
+        end = self.DOCKERFILE.find("\nFROM ", start.end())
+        return self.DOCKERFILE[start.start() : None if end < 0 else end]
+
+    def test_installs_the_project_as_a_package_after_its_locked_dependencies(self) -> None:
+        build = self.stage("build")
+        lock = build.index("--require-hashes --no-deps -r /tmp/requirements-runtime.lock")
+        source = build.index("COPY . /tmp/src")
+        install = build.index("pip install --no-deps /tmp/src")
+
+        assert lock < source < install  # a code change rebuilds the last layer only
+
+    def test_the_runtime_stage_holds_the_environment_not_the_source(self) -> None:
+        copies = re.findall(r"^COPY (.*)$", self.stage("runtime"), re.M)
+
+        assert copies == ["--from=build /opt/venv /opt/venv", "docker/start /usr/local/bin/start"]
+        for package in PACKAGES:
+            assert not re.search(rf"^COPY .*\b{package}\b", self.DOCKERFILE, re.M), package
+
     def test_start_script_knows_every_service(self) -> None:
         script = ROOT / "docker" / "start"
         syntax = subprocess.run(["sh", "-n", str(script)], capture_output=True, text=True)
@@ -203,6 +227,22 @@ class TestImage:
         assert syntax.returncode == 0, syntax.stderr
         for service in APPS:
             assert service in script.read_text()
+
+    def test_start_script_runs_the_declared_console_scripts(self) -> None:
+        declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+        commands = {
+            service: shlex.split(command)
+            for service, command in re.findall(
+                r"^\s*(worker|migrate)\) exec (.+?) ;;$",
+                (ROOT / "docker" / "start").read_text(),
+                re.M,
+            )
+        }
+
+        assert commands == {"worker": ["campaign-worker"], "migrate": ["campaign-migrate"]}
+        # The same functions as the designed `python -m worker` and `python -m shared.migrate`.
+        assert declared["campaign-worker"] == "worker.__main__:main"
+        assert declared["campaign-migrate"] == "shared.migrate:main"
 
     def test_gateway_drops_idle_connections_before_the_services_close_them(self) -> None:
         # The services run uvicorn with its default keep-alive timeout, in the image and locally.
