@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.benchmarks import database, drain, host, http, latency
-from tests.benchmarks.harness import bench_environment, write_results
-from tests.benchmarks.report import machine, table
+from benchmarks import database, drain, host, http, latency
+from benchmarks.harness import bench_environment, write_results
+from benchmarks.report import machine, table
 
 ALL = ("drain", "latency", "http", "tracing", "database")
 

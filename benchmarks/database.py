@@ -29,6 +29,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from benchmarks.harness import Bench
 from campaign_service.campaigns import service
 from campaign_service.campaigns.repository import CampaignRepository
 from campaign_service.campaigns.schemas import CampaignCreate
@@ -37,7 +38,6 @@ from shared.db import create_engine, create_sessionmaker
 from shared.events import CampaignCreated
 from shared.settings import DatabaseSettings
 from shared.tokens import Principal
-from tests.benchmarks.harness import Bench
 
 TENANT = "bench-uow"
 SQL = (

@@ -10,7 +10,7 @@ channels) and the rows of published events deleted together every 0.2 s, a JSON 
 counter and a latency histogram per request, uvicorn's access line. No tracing: compare it with
 campaign_service run with tracing off.
 
-    JWT_JWKS_URL=... uvicorn tests.benchmarks.same_work_app:app --port 8102
+    JWT_JWKS_URL=... uvicorn benchmarks.same_work_app:app --port 8102
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from joserfc import jwt
 from joserfc.jwk import KeySet
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from benchmarks.bare_app import CampaignIn, campaign_body, campaign_event
 from shared.messaging import CAMPAIGNS_EXCHANGE
-from tests.benchmarks.bare_app import CampaignIn, campaign_body, campaign_event
 
 INSERT = (
     "WITH campaign AS (INSERT INTO campaigns (id, tenant_id, name, description, created_at) "

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.benchmarks.harness import (
+from benchmarks.harness import (
     Bench,
     Process,
     declare_topology,
@@ -79,7 +79,7 @@ async def sampled_worker_drain(bench: Bench, events: int) -> dict[str, Any]:
 
 async def baseline_drain(bench: Bench, mode: str, events: int) -> dict[str, Any]:
     args = ["--mode", mode, "--count", str(events)]
-    command = python("-m", "tests.benchmarks.baseline_consumer", *args)
+    command = python("-m", "benchmarks.baseline_consumer", *args)
     return await _drain(bench, f"baseline-{mode}", [(command, bench.env())], events)
 
 

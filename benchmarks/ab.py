@@ -30,7 +30,7 @@ from pathlib import Path
 from statistics import mean, median
 from typing import Any
 
-from tests.benchmarks.harness import (
+from benchmarks.harness import (
     Bench,
     CpuMeter,
     Process,
@@ -48,7 +48,7 @@ from tests.benchmarks.harness import (
     wait_http,
     write_results,
 )
-from tests.benchmarks.http import metered, settle, token_for, wrk
+from benchmarks.http import metered, settle, token_for, wrk
 from tests.support.processes import ROOT
 from tests.support.users import new_private_key_pem
 

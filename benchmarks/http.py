@@ -18,7 +18,7 @@ from typing import Any
 import asyncpg
 import httpx
 
-from tests.benchmarks.harness import (
+from benchmarks.harness import (
     Bench,
     CpuMeter,
     Process,
@@ -158,10 +158,10 @@ async def metered(
 
 def same_work_app(bench: Bench, port: int, user_url: str) -> Process:
     """A second limit for POST /campaigns: the service's work for a campaign on bare libraries
-    (tests/benchmarks/same_work_app.py), untraced, with uvicorn's access line as the service."""
+    (benchmarks/same_work_app.py), untraced, with uvicorn's access line as the service."""
     return Process(
         "same_work_app",
-        uvicorn_args("tests.benchmarks.same_work_app:app", port, access_log=True),
+        uvicorn_args("benchmarks.same_work_app:app", port, access_log=True),
         bench.env(JWT_JWKS_URL=f"{user_url}/.well-known/jwks.json"),
         bench.logs,
     )
@@ -187,10 +187,10 @@ async def same_work_post(bench: Bench, user_url: str, token: str) -> dict[str, A
 
 
 def bare_app(bench: Bench, key: str, port: int, *, traced: bool) -> Process:
-    """The limit (tests/benchmarks/bare_app.py), untraced or traced as the services are."""
+    """The limit (benchmarks/bare_app.py), untraced or traced as the services are."""
     return Process(
         f"{key}_app",
-        uvicorn_args("tests.benchmarks.bare_app:app", port),
+        uvicorn_args("benchmarks.bare_app:app", port),
         bench.env(BARE_TRACING="true" if traced else "false"),
         bench.logs,
     )

@@ -5,7 +5,7 @@ and table, with no framework, no tracing, no metrics and no retries.
   then acks the batch with ``multiple=True``: the fastest safe loop (row before ack).
 - ``naive``: one INSERT (autocommit) and one ack per message.
 
-    python -m tests.benchmarks.baseline_consumer --mode batched --count 20000
+    python -m benchmarks.baseline_consumer --mode batched --count 20000
 """
 
 from __future__ import annotations

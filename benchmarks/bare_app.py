@@ -5,7 +5,7 @@ and the same page query, with asyncpg directly: no token, no tracing, no metrics
 With ``BARE_TRACING=true`` it is traced as the services are (the same server span middleware and
 statement spans, sampled and exported): the floor that tracing alone leaves the services.
 
-    [BARE_TRACING=true] uvicorn tests.benchmarks.bare_app:app --port 8101
+    [BARE_TRACING=true] uvicorn benchmarks.bare_app:app --port 8101
 """
 
 from __future__ import annotations

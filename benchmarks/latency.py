@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
-from tests.benchmarks.harness import (
+from benchmarks.harness import (
     Bench,
     CpuMeter,
     Process,
@@ -36,7 +36,7 @@ from tests.benchmarks.harness import (
     python,
     wait_http,
 )
-from tests.benchmarks.http import token_for
+from benchmarks.http import token_for
 from tests.support.users import new_private_key_pem
 
 CONNECTIONS = 64

@@ -23,7 +23,7 @@ from typing import Any
 
 import asyncpg
 
-from tests.benchmarks.harness import Bench, CpuMeter
+from benchmarks.harness import Bench, CpuMeter
 
 _ECHO = (
     "import socket, sys\n"
