@@ -20,7 +20,7 @@ from campaign_service.settings import CampaignServiceSettings
 from shared.db import create_engine, create_sessionmaker, ping
 from shared.logs import configure_logging
 from shared.messaging import BrokerStartup, create_broker, declare_core
-from shared.telemetry import NO_NATIVE_TELEMETRY, RabbitTracing, configure_tracing
+from shared.telemetry import NO_NATIVE_TELEMETRY, broker_telemetry, configure_tracing
 from shared.tokens import (
     JWKSKeys,
     KeyProvider,
@@ -57,7 +57,7 @@ def create_app(
                 settings.rabbitmq_url,
                 app_id=settings.service_name,
                 reconnect_seconds=settings.rabbitmq_reconnect_seconds,
-                middlewares=[RabbitTracing(tracing)],
+                middlewares=[broker_telemetry(tracing)],
             )
             cleanup.push_async_callback(broker.stop)
             relay = OutboxRelay(

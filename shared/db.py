@@ -12,22 +12,17 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping
 from typing import Annotated, Any, NamedTuple
 
+import sqlalchemy.ext.asyncio
 from fastapi import Depends, Request
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 from sqlalchemy import Connection, Insert, MetaData, event, text
 from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
-from sqlalchemy.ext.asyncio import (
-    AsyncEngine,
-    AsyncSession,
-    async_sessionmaker,
-    create_async_engine,
-)
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase, Session
 
 from shared.settings import DatabaseSettings
-from shared.telemetry import trace_statements
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -53,11 +48,13 @@ class Write(NamedTuple):
 
 def create_engine(settings: DatabaseSettings, *, application_name: str) -> AsyncEngine:
     """A bounded pool; every connection names its service in pg_stat_activity, and every
-    statement is a span of the trace that runs it."""
+    statement is a span of the trace that runs it: ``create_async_engine`` is looked up when
+    called, so that the SQLAlchemy instrumentation (``shared.telemetry.configure_tracing``)
+    traces the engine."""
     server_settings = {"application_name": application_name}
     if settings.database_statement_timeout_ms:
         server_settings["statement_timeout"] = str(settings.database_statement_timeout_ms)
-    engine = create_async_engine(
+    engine = sqlalchemy.ext.asyncio.create_async_engine(
         settings.database_url,
         pool_size=settings.database_pool_size,
         max_overflow=settings.database_max_overflow,
@@ -69,7 +66,6 @@ def create_engine(settings: DatabaseSettings, *, application_name: str) -> Async
             "server_settings": server_settings,
         },
     )
-    trace_statements(engine)
     refuse_commits_of_aborted_transactions(engine)
     return engine
 

@@ -133,5 +133,5 @@ def configure_logging(settings: CommonSettings) -> None:
         uvicorn_logger.handlers.clear()
         uvicorn_logger.propagate = True
     # One line per outgoing request (the gateway's, the JWKS fetch) would repeat the access log.
-    for client in ("httpx", "httpx2"):
+    for client in ("httpx",):
         logging.getLogger(client).setLevel(max(root.level, logging.WARNING))

@@ -22,13 +22,8 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import UTC, datetime
 from typing import Any, cast
 
-import aio_pika
-from aio_pika.abc import AbstractExchange, AbstractRobustChannel, AbstractRobustConnection
-from aiormq.exceptions import ChannelNotFoundEntity
-from faststream._internal.types import BrokerMiddleware
 from faststream.rabbit import (
     Channel,
     ExchangeType,
@@ -38,10 +33,8 @@ from faststream.rabbit import (
     RabbitQueue,
 )
 from faststream.rabbit.schemas.queue import QuorumQueueArgs
-from opentelemetry import trace
 
 from shared.events import CAMPAIGN_CREATED
-from shared.telemetry import publish_span
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +115,7 @@ def create_broker(
     app_id: str,
     graceful_timeout: float | None = 15.0,
     reconnect_seconds: float = 5.0,
-    middlewares: Sequence[BrokerMiddleware[Any, Any]] = (),
+    middlewares: Sequence[Any] = (),
     apply_types: bool = True,
 ) -> RabbitBroker:
     """One broker per process: publisher confirms on, unroutable ``mandatory`` messages raise.
@@ -143,137 +136,6 @@ def create_broker(
         # First connection attempts are ours to retry (BrokerStartup), not aio-pika's.
         fail_fast=True,
     )
-
-
-class ChannelSpread:
-    """Confirmed, persistent, ``mandatory`` publishes spread over several channels of the
-    broker's own connection, each in a publish span of ``tracer`` (as :class:`RabbitTracing`
-    makes for the broker's publishes).
-
-    For a process that publishes many messages at once (the outbox relay): aiormq sends a
-    channel's messages one at a time (``basic_publish`` holds the channel's lock until the
-    writer task has put the message's frames on the socket), so publishes that overlap on one
-    channel wait for each other, each costing a few turns of the event loop, and a turn takes
-    milliseconds when requests keep the loop busy. Side by side on several channels they do not.
-    The channels are aio-pika's robust ones: they come back with the connection after an
-    outage, and are opened again if the broker made a new connection. Publish only through a
-    broker that has connected (the relay pings it first): on one that has not,
-    ``broker.connect()`` here would open its connection.
-
-    A message for an exchange that does not exist is refused (``ChannelNotFoundEntity``)
-    without being published: each exchange is looked up once a connection, on a channel of its
-    own. Published, it would make the broker close the channel it went on, and the publishes of
-    other messages already on their way on that channel would then arrive on a closed channel,
-    which RabbitMQ answers by closing the whole connection; the relay's next pass would publish
-    it again, and the connection would go down again, every pass.
-    """
-
-    def __init__(
-        self, broker: RabbitBroker, *, channels: int, tracer: trace.Tracer, app_id: str
-    ) -> None:
-        self._broker = broker
-        self._size = channels
-        self._tracer = tracer
-        self._app_id = app_id
-        self._connection: AbstractRobustConnection | None = None
-        self._exchanges: list[dict[str, AbstractExchange]] = []
-        self._channels: list[AbstractRobustChannel] = []
-        self._existing: set[str] = set()  # exchanges looked up on this connection
-        self._next = 0
-        self._opening = asyncio.Lock()
-
-    async def close(self) -> None:
-        """Close the channels (before the broker closes its connection under them)."""
-        channels, self._channels, self._exchanges = self._channels, [], []
-        self._connection = None
-        for channel in channels:
-            with contextlib.suppress(Exception):  # closing anyway: the broker may be away
-                await channel.close()
-
-    async def _exchange(self, name: str) -> AbstractExchange:
-        """Exchange ``name`` on the next channel, round robin."""
-        connection = await self._broker.connect()
-        if connection is not self._connection:
-            async with self._opening:
-                if connection is not self._connection:
-                    self._channels = [
-                        await connection.channel(publisher_confirms=True, on_return_raises=True)
-                        for _ in range(self._size)
-                    ]
-                    self._exchanges = [{} for _ in self._channels]
-                    self._existing = {""}  # the default exchange always exists
-                    self._connection = connection
-        if name not in self._existing:
-            await self._look_up(connection, name)
-        self._next = index = (self._next + 1) % self._size
-        exchanges = self._exchanges[index]
-        exchange = exchanges.get(name)
-        if exchange is None:
-            channel = self._channels[index]
-            exchange = exchanges[name] = (
-                channel.default_exchange
-                if name == ""
-                else await channel.get_exchange(name, ensure=False)
-            )
-        return exchange
-
-    async def _look_up(self, connection: AbstractRobustConnection, name: str) -> None:
-        """Raise ``ChannelNotFoundEntity`` unless exchange ``name`` exists, asked (a passive
-        declare) on a channel that nothing else uses and that is not reopened when the broker
-        closes it."""
-        async with self._opening:
-            if name in self._existing:
-                return
-            async with aio_pika.Channel(connection, publisher_confirms=False) as channel:
-                await channel.get_exchange(name, ensure=True)
-            if connection is self._connection:
-                self._existing.add(name)
-
-    async def publish(
-        self,
-        body: bytes,
-        *,
-        exchange: str,
-        routing_key: str,
-        message_id: str,
-        message_type: str,
-        headers: dict[str, Any],
-        confirm_seconds: float,
-    ) -> None:
-        """Publish and return once the broker has confirmed; an unroutable message raises
-        (``DeliveryError``), one for a missing exchange too (``ChannelNotFoundEntity``), and so
-        does a confirm that takes longer than ``confirm_seconds``."""
-        headers = dict(headers)
-        with publish_span(
-            self._tracer,
-            exchange=exchange,
-            routing_key=routing_key,
-            message_id=message_id,
-            correlation_id=None,
-            headers=headers,
-        ):
-            try:
-                async with asyncio.timeout(confirm_seconds):
-                    target = await self._exchange(exchange)
-                    await target.publish(
-                        aio_pika.Message(
-                            body,
-                            content_type="application/json",
-                            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                            message_id=message_id,
-                            type=message_type,
-                            headers=headers,
-                            timestamp=datetime.now(UTC),
-                            app_id=self._app_id,
-                        ),
-                        routing_key=routing_key,
-                        mandatory=True,
-                        timeout=confirm_seconds,
-                    )
-            except ChannelNotFoundEntity:
-                # Deleted since it was looked up: looked up again before the next publish.
-                self._existing.discard(exchange)
-                raise
 
 
 async def publish_confirmed(

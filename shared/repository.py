@@ -22,5 +22,5 @@ class TenantRepository(Generic[M]):
         self._session = session
         self.tenant_id = tenant_id
 
-    def _select(self) -> Select[M]:
+    def _select(self) -> Select[tuple[M]]:
         return select(self.model).where(self.model.tenant_id == self.tenant_id)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import cast
 
-from sqlalchemy import Table, bindparam, insert, tuple_
+from sqlalchemy import Table, bindparam, insert, literal, tuple_
 
 from campaign_service.campaigns.pagination import Cursor
 from shared.db import Write
@@ -63,7 +63,8 @@ class CampaignRepository(TenantRepository[Campaign]):
         statement = self._select().order_by(Campaign.created_at.desc(), Campaign.id.desc())
         if after is not None:
             statement = statement.where(
-                tuple_(Campaign.created_at, Campaign.id) < tuple_(after.created_at, after.id)
+                tuple_(Campaign.created_at, Campaign.id)
+                < tuple_(literal(after.created_at), literal(after.id))
             )
         return (await self._session.scalars(statement.limit(limit))).all()
 
