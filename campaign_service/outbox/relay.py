@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
 import time
 import uuid
@@ -39,9 +38,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
-from aiormq.exceptions import ChannelNotFoundEntity, DeliveryError, PublishError
+from aio_pika.exceptions import ChannelNotFoundEntity, DeliveryError, PublishError
 from faststream.rabbit import RabbitBroker
-from opentelemetry import context
+from opentelemetry import context, propagate
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -50,10 +49,8 @@ from sqlalchemy.orm import Session, SessionTransaction
 from campaign_service.metrics import CampaignMetrics
 from campaign_service.outbox.repository import HANDOVER, Handover, OutboxRepository, Outgoing
 from campaign_service.settings import CampaignServiceSettings
-from shared import spans
 from shared.db import create_sessionmaker
-from shared.messaging import ChannelSpread
-from shared.telemetry import context_from
+from shared.messaging import publish_confirmed
 
 logger = logging.getLogger(__name__)
 
@@ -64,12 +61,9 @@ _REFUSED = (DeliveryError, PublishError, ChannelNotFoundEntity)
 # How long the rows of confirmed fast-path messages may wait to be deleted together (at most a
 # quarter of the claim window, OUTBOX_CLAIM_AFTER_SECONDS, so the poll does not take them again).
 _DELETE_LINGER_SECONDS = 0.2
-# Channels the relay publishes on, side by side.
-_CHANNELS = 16
 # Under overload every commit overflows the hand-over: one warning line per this many seconds
 # (with the rows left to the poll since the last), not one per request.
 _OVERFLOW_LOG_SECONDS = 10.0
-_tracer = spans.tracer(__name__)
 
 
 class OutboxRelay:
@@ -88,11 +82,6 @@ class OutboxRelay:
             engine.execution_options(isolation_level="AUTOCOMMIT")
         )
         self._broker = broker
-        # A pass publishes its messages all at once: over several channels, so that they do not
-        # wait for each other (shared.messaging.ChannelSpread).
-        self._channels = ChannelSpread(
-            broker, channels=_CHANNELS, tracer=_tracer, app_id=settings.service_name
-        )
         self._batch_size = settings.outbox_batch_size
         self._poll_interval = settings.outbox_poll_interval_seconds
         self._claim_after = timedelta(seconds=settings.outbox_claim_after_seconds)
@@ -179,7 +168,6 @@ class OutboxRelay:
                 await asyncio.wait_for(self._task, grace_seconds)
             except TimeoutError:
                 logger.warning("outbox relay did not stop in time; cancelled")
-        await self._channels.close()
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -341,13 +329,17 @@ class OutboxRelay:
 
     async def _publish(self, message: Outgoing) -> None:
         # In the trace of the request that wrote the row (each publish runs in its own task).
-        context.attach(context_from(message.headers))
-        await self._channels.publish(
-            json.dumps(message.payload).encode(),
-            exchange=message.exchange,
-            routing_key=message.routing_key,
-            message_id=str(message.id),
-            message_type=message.routing_key,
-            headers=message.headers,
-            confirm_seconds=self._publish_timeout,
-        )
+        token = context.attach(propagate.extract(message.headers))
+        try:
+            await publish_confirmed(
+                self._broker,
+                message.payload,
+                exchange=message.exchange,
+                routing_key=message.routing_key,
+                confirm_seconds=self._publish_timeout,
+                message_id=str(message.id),
+                message_type=message.routing_key,
+                headers=dict(message.headers),  # the middleware writes the publish span's context
+            )
+        finally:
+            context.detach(token)

@@ -523,14 +523,14 @@ class TestFastPath:
             running_campaigns(settings, user_client) as (writer, _),
             running_campaigns(settings, user_client) as (other, _),
         ):
-            channels = writer.state.relay._channels
-            publish_now = channels.publish
+            broker = writer.state.broker
+            publish_now = broker.publish
 
-            async def publish_slowly(body: bytes, **options: Any) -> None:
+            async def publish_slowly(*args: Any, **options: Any) -> Any:
                 await asyncio.sleep(1.5)
-                await publish_now(body, **options)
+                return await publish_now(*args, **options)
 
-            channels.publish = publish_slowly
+            broker.publish = publish_slowly
             events = [
                 CampaignCreated(tenant_id=tenant, campaign_id=uuid.uuid4(), name=f"slow {n}")
                 for n in range(10)

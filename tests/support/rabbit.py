@@ -18,7 +18,7 @@ from urllib.parse import quote
 
 import aio_pika
 import httpx
-from aiormq.exceptions import ChannelNotFoundEntity
+from aio_pika.exceptions import ChannelNotFoundEntity
 from faststream.rabbit import RabbitBroker
 
 from shared.messaging import create_broker, declare_core
