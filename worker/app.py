@@ -15,7 +15,6 @@ from typing import Any
 
 from aio_pika.abc import AbstractRobustQueue
 from fastapi import FastAPI
-from faststream._internal.types import BrokerMiddleware
 from faststream.rabbit import RabbitBroker
 from prometheus_client import CollectorRegistry
 
@@ -31,7 +30,7 @@ from shared.messaging import (
     declare_retry_ladder,
 )
 from shared.metrics import metrics_router
-from shared.telemetry import NO_NATIVE_TELEMETRY, RabbitTracing, configure_tracing
+from shared.telemetry import NO_NATIVE_TELEMETRY, broker_telemetry, configure_tracing
 from shared.web import ReadinessCheck, health_router
 from worker.consumer import BatchConsumer
 from worker.metrics import WorkerMetrics
@@ -43,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 
 def create_worker_broker(
-    settings: WorkerSettings, *, app_id: str, middlewares: Sequence[BrokerMiddleware[Any, Any]]
+    settings: WorkerSettings, *, app_id: str, middlewares: Sequence[Any]
 ) -> RabbitBroker:
     """The worker's broker: confirms, no dependency injection (it has no FastStream
     subscriber: :class:`BatchConsumer` consumes, on a channel of its own)."""
@@ -59,12 +58,11 @@ def create_worker_broker(
 
 async def consumer_queue(broker: RabbitBroker, *, prefetch: int) -> AbstractRobustQueue:
     """The worker's queue on a channel of its own, of the broker's connection, with a bounded
-    prefetch: the consumer's channel carries nothing else. The batches'
-    ``basic.ack(multiple=True)`` covers every earlier delivery on it, and when the broker
-    cancels the consumer, the consumer closes it (:class:`BatchConsumer`) without cutting off
-    the confirmed retry and dead-letter publishes in flight on the broker's default channel.
-    The channel is aio-pika's robust one: it comes back with the connection, with its prefetch,
-    and declares the queue and its binding again."""
+    prefetch: the consumer's channel carries nothing else, so the batches'
+    ``ack(multiple=True)`` covers only the worker's own deliveries, and the confirmed retry and
+    dead-letter publishes go on the broker's default channel. The channel is aio-pika's robust
+    one: it comes back with the connection, with its prefetch, declares the queue and its
+    binding again and consumes again."""
     connection = await broker.connect()
     channel = await connection.channel(publisher_confirms=False)
     try:
@@ -98,7 +96,7 @@ def create_app(settings: WorkerSettings | None = None) -> FastAPI:
             cleanup.push_async_callback(engine.dispose)
             stopping = asyncio.Event()
             broker = create_worker_broker(
-                settings, app_id=settings.service_name, middlewares=[RabbitTracing(tracing)]
+                settings, app_id=settings.service_name, middlewares=[broker_telemetry(tracing)]
             )
             store = JobLogStore(
                 engine,

@@ -37,15 +37,15 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from aio_pika.abc import AbstractIncomingMessage as Message
 from aio_pika.exceptions import ChannelInvalidStateError
 from faststream.opentelemetry.consts import MESSAGING_DESTINATION_PUBLISH_NAME
 from faststream.rabbit import RabbitBroker
-from opentelemetry import context, trace
+from opentelemetry import context, propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.semconv.trace import SpanAttributes
 from pydantic import ValidationError
 
-from shared import spans
 from shared.events import CampaignCreated
 from shared.logs import log_context, trace_fields
 from shared.messaging import (
@@ -58,15 +58,13 @@ from shared.messaging import (
     retry_queue,
 )
 from shared.models import JobStatus
-from shared.telemetry import context_from
-from worker.delivery import Message
 from worker.metrics import Outcome, WorkerMetrics
 from worker.settings import WorkerSettings
 from worker.simulation import execute
 from worker.store import JobLogStore, JobRow, Recorded, ShuttingDown, Standing
 
 logger = logging.getLogger(__name__)
-tracer = spans.tracer(__name__)
+tracer = trace.get_tracer(__name__)
 
 _ERROR_MESSAGE_LIMIT = 1000
 
@@ -93,7 +91,7 @@ def _process_span(message: Message) -> trace.Span:
     own (``<exchange>.<routing key> process``), in the trace the publisher started."""
     exchange = message.exchange or "default"
     try:
-        parent = context_from(message.headers)
+        parent = propagate.extract(message.headers)
     except Exception:  # a traceparent that is not text (bytes, a number): a trace of its own
         parent = Context()
     return tracer.start_span(

@@ -33,13 +33,12 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.types import Integer, String, Text, Uuid
 
-from shared import spans
 from shared.db import database_unavailable, values_refused
 from shared.events import CampaignCreated
 from shared.models import JobStatus
 
 logger = logging.getLogger(__name__)
-tracer = spans.tracer(__name__)
+tracer = trace.get_tracer(__name__)
 
 Item = TypeVar("Item")
 Answer = TypeVar("Answer")

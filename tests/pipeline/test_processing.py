@@ -17,7 +17,6 @@ from faststream.rabbit import RabbitQueue
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind, StatusCode
 
-from shared import spans as shared_spans
 from shared.events import CampaignCreated
 from shared.messaging import ATTEMPT_HEADER, ERROR_MESSAGE_HEADER, ERROR_TYPE_HEADER
 from tests.pipeline.conftest import TEST_MAX_ATTEMPTS, TEST_RETRY_DELAYS
@@ -387,7 +386,7 @@ class TestRefusedCopies:
         # Every retry copy goes to a queue that does not exist: the mandatory publish comes back.
         monkeypatch.setattr(worker_processing, "retry_queue", lambda _: RabbitQueue("nowhere"))
         monkeypatch.setattr(
-            worker_processing, "tracer", shared_spans.tracer("worker.processing", spans.provider)
+            worker_processing, "tracer", spans.provider.get_tracer("worker.processing")
         )
 
         campaign = await create_campaign(campaign_client, headers, "Refused [fail:1]")
@@ -411,3 +410,43 @@ class TestRefusedCopies:
         assert "NO_ROUTE" in str(exception.attributes["exception.message"])
         # The original went back to the queue, not acknowledged: it is redelivered.
         assert (span.attributes or {}).get("campaign.outcome") == "requeued"
+
+
+class TestUnsampledTraces:
+    async def test_an_unsampled_campaign_keeps_its_trace_id_in_its_row_and_log_lines(
+        self,
+        campaign_client: httpx.AsyncClient,
+        headers: dict[str, str],
+        amqp_url: str,
+        worker: FastAPI,
+        db: asyncpg.Connection,
+        spans: Spans,
+        monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        # As under OTEL_TRACES_SAMPLER=parentbased_traceidratio, for a request the ratio left
+        # out: the traceparent says "not sampled" (flags 00), and the worker follows it.
+        monkeypatch.setattr(
+            worker_processing, "tracer", spans.provider.get_tracer("worker.processing")
+        )
+        campaign, job = await unprocessed(campaign_client, headers, db, "unsampled")
+        trace_id = uuid.uuid4().hex
+        traceparent = f"00-{trace_id}-{uuid.uuid4().hex[:16]}-00"
+        body = json.dumps(job["payload"]).encode()
+
+        with caplog.at_level("INFO", logger="worker.processing"):
+            await publish_raw(
+                amqp_url, body, message_id=job["event_id"], headers={"traceparent": traceparent}
+            )
+            [row] = await wait_for_jobs(campaign_client, headers, campaign["id"])
+
+        assert row["trace_id"] == trace_id
+        lines = [r for r in caplog.records if getattr(r, "event_id", None) == job["event_id"]]
+        assert lines
+        assert {getattr(r, "trace_id", None) for r in lines} == {trace_id}
+        # Nothing of this delivery was recorded as a span.
+        assert not [
+            s
+            for s in spans.finished()
+            if s.context is not None and s.context.trace_id == int(trace_id, 16)
+        ]

@@ -395,19 +395,20 @@ class TestUnexpectedError:
         rabbit_admin: RabbitAdmin,
         vhost: str,
     ) -> None:
-        from worker.delivery import Message
+        from aio_pika import IncomingMessage
+
         from worker.store import JobLogStore
 
         rejected: list[bool] = []
-        reject = Message.reject
+        reject = IncomingMessage.reject
 
-        async def spy_reject(message: Message, requeue: bool = False) -> None:
+        async def spy_reject(message: IncomingMessage, requeue: bool = False) -> None:
             rejected.append(requeue)
             await reject(message, requeue=requeue)
 
         broken, _ = failing_once(JobLogStore.standings, "a bug in the worker")
         monkeypatch.setattr(JobLogStore, "standings", broken)
-        monkeypatch.setattr(Message, "reject", spy_reject)
+        monkeypatch.setattr(IncomingMessage, "reject", spy_reject)
         worker = create_worker_app(make_worker_settings(database_url, amqp_url))
         async with worker.router.lifespan_context(worker):
             await wait_ready(worker)
