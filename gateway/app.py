@@ -6,9 +6,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import httpx2
+import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
+from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
 from prometheus_client import CollectorRegistry
 
 from gateway.proxy import Proxy
@@ -16,7 +17,7 @@ from gateway.routes import RouteTable
 from gateway.settings import GatewaySettings
 from gateway.status import router as status_router
 from shared.logs import configure_logging
-from shared.telemetry import NO_NATIVE_TELEMETRY
+from shared.telemetry import NO_NATIVE_TELEMETRY, configure_tracing
 from shared.web import ReadinessCheck, health_router, install_common
 
 PROXIED_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
@@ -31,18 +32,22 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # One pooled client for every upstream: no connection set up per request.
-        client = httpx2.AsyncClient(
-            timeout=httpx2.Timeout(
+        client = httpx.AsyncClient(
+            timeout=httpx.Timeout(
                 settings.gateway_timeout_seconds,
                 connect=settings.gateway_connect_timeout_seconds,
                 pool=settings.gateway_pool_timeout_seconds,
             ),
-            limits=httpx2.Limits(
+            limits=httpx.Limits(
                 max_connections=settings.gateway_max_connections,
                 max_keepalive_connections=settings.gateway_max_keepalive_connections,
                 keepalive_expiry=settings.gateway_keepalive_expiry_seconds,
             ),
             follow_redirects=False,
+        )
+        # A CLIENT span for every upstream call, whose W3C context the upstream continues.
+        HTTPXClientInstrumentor.instrument_client(
+            client, tracer_provider=configure_tracing(settings.service_name)
         )
         app.state.settings = settings
         app.state.routes = routes

@@ -4,8 +4,8 @@ the one pooled client; the answer streams back with its status and headers.
 Hop-by-hop headers are dropped both ways. ``X-Request-ID`` is kept or generated, sent upstream
 and returned; every ``X-Forwarded-*`` the caller sent is replaced by the gateway's own
 (``-For``, ``-Proto``, ``-Host``); header names and values pass as bytes, unchanged; the W3C
-trace context upstream is the gateway's own span, so the upstream's spans join the caller's trace
-under the gateway's.
+trace context upstream is the gateway's client span (the httpx instrumentation), so the
+upstream's spans join the caller's trace under the gateway's.
 """
 
 from __future__ import annotations
@@ -15,9 +15,8 @@ import uuid
 from collections.abc import AsyncIterator
 from urllib.parse import quote_from_bytes, unquote
 
-import httpx2
+import httpx
 from fastapi import Request
-from opentelemetry import propagate
 from starlette.background import BackgroundTask
 from starlette.responses import Response, StreamingResponse
 
@@ -99,7 +98,7 @@ def _passes(name: bytes, drop: set[str]) -> bool:
 
 
 class Proxy:
-    def __init__(self, client: httpx2.AsyncClient, routes: RouteTable, max_body_bytes: int) -> None:
+    def __init__(self, client: httpx.AsyncClient, routes: RouteTable, max_body_bytes: int) -> None:
         self._client = client
         self._routes = routes
         self._max_body = max_body_bytes
@@ -149,9 +148,7 @@ class Proxy:
             (b"x-forwarded-proto", request.url.scheme.encode()),
             (b"x-forwarded-host", host),
         ]
-        carrier: dict[str, str] = {}
-        propagate.inject(carrier)  # the gateway's server span, as the upstream's parent
-        headers += [(key.encode(), value.encode()) for key, value in carrier.items()]
+        # The trace context goes upstream from the client's instrumentation (gateway/app.py).
         return headers
 
     async def _forward(
@@ -160,10 +157,10 @@ class Proxy:
         # Path and query travel as the caller encoded them (bytes outside printable ASCII
         # percent-encoded).
         try:
-            url = httpx2.URL(
+            url = httpx.URL(
                 route.target(raw_path), query=url_part(request.scope["query_string"]).encode()
             )
-        except httpx2.InvalidURL as exc:
+        except httpx.InvalidURL as exc:
             raise BadRequest("The request's path or query is not a valid URL") from exc
         upstream_request = self._client.build_request(
             request.method,
@@ -173,11 +170,11 @@ class Proxy:
         )
         try:
             upstream = await self._client.send(upstream_request, stream=True)
-        except httpx2.PoolTimeout as exc:
+        except httpx.PoolTimeout as exc:
             raise ServiceUnavailable(f"No connection to {route.name} free in time") from exc
-        except httpx2.TimeoutException as exc:
+        except httpx.TimeoutException as exc:
             raise GatewayTimeout(f"{route.name} did not answer in time") from exc
-        except (httpx2.TransportError, httpx2.DecodingError) as exc:
+        except (httpx.TransportError, httpx.DecodingError) as exc:
             raise BadGateway(f"{route.name} is unreachable or broke the connection") from exc
 
         try:
@@ -186,7 +183,7 @@ class Proxy:
             await upstream.aclose()  # the connection goes back to the pool, not astray
             raise
 
-    def _respond(self, upstream: httpx2.Response, route: Route, request_id: str) -> Response:
+    def _respond(self, upstream: httpx.Response, route: Route, request_id: str) -> Response:
         raw = upstream.headers.raw
         drop = _hop_by_hop(raw) | _NOT_RETURNED
         # Keep repeated headers (Set-Cookie) and the upstream's exact bytes.
@@ -209,6 +206,6 @@ def _public_location(route: Route, value: bytes) -> bytes:
     return route.public_location(value.decode("latin-1")).encode("latin-1")
 
 
-async def _relay(upstream: httpx2.Response) -> AsyncIterator[bytes]:
+async def _relay(upstream: httpx.Response) -> AsyncIterator[bytes]:
     async for chunk in upstream.aiter_raw():
         yield chunk

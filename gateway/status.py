@@ -6,7 +6,7 @@ import asyncio
 import time
 from typing import Any
 
-import httpx2
+import httpx
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
@@ -33,7 +33,7 @@ async def services(request: Request) -> dict[str, Any]:
 )
 async def status(request: Request) -> JSONResponse:
     table: RouteTable = request.app.state.routes
-    client: httpx2.AsyncClient = request.app.state.http
+    client: httpx.AsyncClient = request.app.state.http
     timeout: float = request.app.state.settings.gateway_status_timeout_seconds
     results = await asyncio.gather(*(_probe(client, route, timeout) for route in table.routes))
     healthy = all(result["status"] == "up" for result in results)
@@ -48,11 +48,11 @@ async def status(request: Request) -> JSONResponse:
     )
 
 
-async def _probe(client: httpx2.AsyncClient, route: Route, limit: float) -> dict[str, Any]:
+async def _probe(client: httpx.AsyncClient, route: Route, limit: float) -> dict[str, Any]:
     started = time.perf_counter()
     try:
         response = await client.get(route.ready_url, timeout=limit)
-    except httpx2.HTTPError as exc:
+    except httpx.HTTPError as exc:
         return {"status": "down", "url": route.ready_url, "error": type(exc).__name__}
     latency_ms = round((time.perf_counter() - started) * 1000, 1)
     return {
