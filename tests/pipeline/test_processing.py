@@ -434,6 +434,7 @@ class TestUnsampledTraces:
         traceparent = f"00-{trace_id}-{uuid.uuid4().hex[:16]}-00"
         body = json.dumps(job["payload"]).encode()
 
+        caplog.clear()
         with caplog.at_level("INFO", logger="worker.processing"):
             await publish_raw(
                 amqp_url, body, message_id=job["event_id"], headers={"traceparent": traceparent}
@@ -441,7 +442,11 @@ class TestUnsampledTraces:
             [row] = await wait_for_jobs(campaign_client, headers, campaign["id"])
 
         assert row["trace_id"] == trace_id
-        lines = [r for r in caplog.records if getattr(r, "event_id", None) == job["event_id"]]
+        lines = [
+            r
+            for r in caplog.records
+            if r.name == "worker.processing" and getattr(r, "event_id", None) == job["event_id"]
+        ]
         assert lines
         assert {getattr(r, "trace_id", None) for r in lines} == {trace_id}
         # Nothing of this delivery was recorded as a span.
