@@ -30,10 +30,30 @@ class DomainError(Exception):
         self.message = detail or self.detail
         super().__init__(self.message)
 
+    def response_headers(self) -> dict[str, str] | None:
+        return self.headers
+
 
 class NotFound(DomainError):
     status_code = 404
     detail = "Not found"
+
+
+class Forbidden(DomainError):
+    status_code = 403
+    detail = "Forbidden"
+
+
+class TooManyRequests(DomainError):
+    status_code = 429
+    detail = "Too many requests; try again later"
+
+    def __init__(self, detail: str | None = None, *, retry_after_seconds: int) -> None:
+        super().__init__(detail)
+        self.retry_after_seconds = max(1, retry_after_seconds)
+
+    def response_headers(self) -> dict[str, str] | None:
+        return {"Retry-After": str(self.retry_after_seconds)}
 
 
 class Conflict(DomainError):
@@ -62,7 +82,9 @@ def validation_detail(errors: Any) -> list[dict[str, Any]]:
 
 async def _domain_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, DomainError)
-    return JSONResponse({"detail": exc.message}, status_code=exc.status_code, headers=exc.headers)
+    return JSONResponse(
+        {"detail": exc.message}, status_code=exc.status_code, headers=exc.response_headers()
+    )
 
 
 async def _database_error_handler(request: Request, exc: Exception) -> JSONResponse:

@@ -8,8 +8,8 @@ A token is accepted only when all of this holds:
   without a restart) or from keys given in configuration;
 - the signature verifies with that key;
 - ``iss`` and ``aud`` are ours, ``exp`` is in the future, ``iat`` (and ``nbf``, if any) not
-  more than a clock skew ahead of ours, and ``sub``, ``tenant_id``, ``iat`` and ``jti`` are
-  present and well-formed.
+  more than a clock skew ahead of ours, and ``sub``, ``tenant_id``, ``role``, ``iat`` and
+  ``jti`` are present and well-formed.
 
 joserfc's ``jwt.decode`` checks only the signature; the claims go through ``JWTClaimsRegistry``.
 """
@@ -39,6 +39,8 @@ logger = logging.getLogger(__name__)
 
 SIGNING_ALGORITHM = "Ed25519"
 _TENANT_ID = re.compile(TENANT_ID_PATTERN)
+# The roles a token may carry (shared.models.Role's values).
+ROLES = frozenset({"owner", "admin", "member"})
 
 
 _PEM_BLOCK = re.compile(r"-----BEGIN [A-Z ]+-----.+?-----END [A-Z ]+-----", re.DOTALL)
@@ -84,6 +86,7 @@ class Principal:
 
     user_id: uuid.UUID
     tenant_id: str
+    role: str  # owner, admin or member, as when the token was issued
     token_id: str
     expires_at: datetime
 
@@ -245,6 +248,7 @@ class TokenVerifier:
             sub={"essential": True},
             jti={"essential": True},
             tenant_id={"essential": True},
+            role={"essential": True},
         )
 
     async def verify(self, token: str) -> Principal:
@@ -301,12 +305,16 @@ def _principal(claims: dict[str, Any]) -> Principal:
     tenant_id = claims["tenant_id"]
     if not isinstance(tenant_id, str) or not _TENANT_ID.fullmatch(tenant_id):
         raise ValueError("tenant_id claim is malformed")
+    role = claims["role"]
+    if role not in ROLES:
+        raise ValueError("role claim is not a known role")
     exp = claims["exp"]
     if not isinstance(exp, int | float) or not isinstance(claims["iat"], int | float):
         raise ValueError("exp and iat must be numeric dates")
     return Principal(
         user_id=uuid.UUID(str(claims["sub"])),
         tenant_id=tenant_id,
+        role=role,
         token_id=str(claims["jti"]),
         expires_at=datetime.fromtimestamp(exp, UTC),
     )

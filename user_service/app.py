@@ -1,9 +1,12 @@
-"""user_service: registration, login and the JWKS. Every route the service has is mounted here."""
+"""user_service: tenants and their accounts (registration, invitations, members and roles),
+login with throttling, sessions (refresh tokens, logout) and the JWKS. Every route the service
+has is mounted here."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from functools import partial
 
 from fastapi import FastAPI
@@ -12,14 +15,18 @@ from prometheus_client import CollectorRegistry
 from shared.db import create_engine, create_sessionmaker, ping
 from shared.logs import configure_logging
 from shared.telemetry import NO_NATIVE_TELEMETRY
+from shared.tokens import StaticKeys, TokenVerifier
 from shared.web import ReadinessCheck, health_router, install_common
+from user_service.members.router import router as members_router
 from user_service.metrics import UserMetrics
+from user_service.sessions.router import router as sessions_router
 from user_service.settings import UserServiceSettings
 from user_service.tokens.issuer import TokenIssuer
 from user_service.tokens.keys import load_signing_keys
 from user_service.tokens.router import router as tokens_router
 from user_service.users.passwords import PasswordHasher
 from user_service.users.router import router as users_router
+from user_service.users.throttle import LoginThrottle, ThrottlePolicy
 
 
 def create_app(settings: UserServiceSettings | None = None) -> FastAPI:
@@ -38,8 +45,9 @@ def create_app(settings: UserServiceSettings | None = None) -> FastAPI:
             time_cost=settings.password_argon2_time_cost,
             parallelism=settings.password_argon2_parallelism,
         )
+        metrics = UserMetrics(registry)
         app.state.settings = settings
-        app.state.metrics = UserMetrics(registry)
+        app.state.metrics = metrics
         app.state.engine = engine
         app.state.sessionmaker = create_sessionmaker(engine)
         app.state.passwords = passwords
@@ -50,6 +58,13 @@ def create_app(settings: UserServiceSettings | None = None) -> FastAPI:
             audience=settings.jwt_audience,
             ttl_seconds=settings.jwt_access_token_ttl_seconds,
         )
+        # The service verifies its own tokens (invitations and members are Bearer endpoints).
+        app.state.token_verifier = TokenVerifier(
+            keys=StaticKeys(keys.verification_keys()),
+            issuer=settings.jwt_issuer,
+            audience=settings.jwt_audience,
+        )
+        app.state.login_throttle = LoginThrottle(engine, _throttle_policy(settings), metrics)
         try:
             yield
         finally:
@@ -69,6 +84,19 @@ def create_app(settings: UserServiceSettings | None = None) -> FastAPI:
         return {"database": partial(ping, app.state.engine)}
 
     app.include_router(users_router)
+    app.include_router(sessions_router)
+    app.include_router(members_router)
     app.include_router(tokens_router)
     app.include_router(health_router(readiness, timeout=settings.readiness_timeout_seconds))
     return app
+
+
+def _throttle_policy(settings: UserServiceSettings) -> ThrottlePolicy:
+    return ThrottlePolicy(
+        max_failures=settings.login_max_failures,
+        window=timedelta(seconds=settings.login_failure_window_seconds),
+        base_seconds=settings.login_throttle_base_seconds,
+        max_seconds=settings.login_throttle_max_seconds,
+        address_max_failures=settings.login_address_max_failures,
+        max_in_flight_per_address=settings.login_max_in_flight_per_address,
+    )

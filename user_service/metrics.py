@@ -10,7 +10,8 @@ class UserMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registrations = Counter(
             "user_registrations",
-            "Registration attempts that reached the service, by outcome (created, conflict).",
+            "Registration attempts that reached the service, by outcome (created, conflict, "
+            "forbidden: an existing tenant without a valid invitation).",
             ["outcome"],
             registry=registry,
         )
@@ -20,7 +21,23 @@ class UserMetrics:
             ["outcome"],
             registry=registry,
         )
-        for outcome in ("created", "conflict"):
+        self.logins_throttled = Counter(
+            "user_logins_throttled",
+            "Logins refused by the throttle, by scope (account, address, in_flight).",
+            ["scope"],
+            registry=registry,
+        )
+        self.refreshes = Counter(
+            "user_token_refreshes",
+            "Refresh-token uses, by outcome (rotated, invalid, reused: the family revoked).",
+            ["outcome"],
+            registry=registry,
+        )
+        for scope in ("account", "address", "in_flight"):
+            self.logins_throttled.labels(scope)
+        for outcome in ("rotated", "invalid", "reused"):
+            self.refreshes.labels(outcome)
+        for outcome in ("created", "conflict", "forbidden"):
             self.registrations.labels(outcome)
         for outcome in ("success", "failure"):
             self.logins.labels(outcome)

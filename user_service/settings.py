@@ -37,6 +37,23 @@ class UserServiceSettings(DatabaseSettings):
     # Hashes that may wait for a thread; beyond, login and registration answer 503.
     password_hash_queue_limit: int = Field(default=200, ge=0, le=100_000)
 
+    # Sessions and invitations.
+    refresh_token_ttl_seconds: int = Field(default=30 * 86_400, ge=60, le=365 * 86_400)
+    invitation_ttl_seconds: int = Field(default=7 * 86_400, ge=60, le=90 * 86_400)
+
+    # Login throttling (counters in PostgreSQL, shared by every replica). After
+    # ``login_max_failures`` failed logins of one account (tenant and email, known or not) within
+    # the window, its logins are refused for the base delay, doubled with every further failure
+    # up to the maximum; a successful login clears them. ``login_address_max_failures`` failures
+    # from one client address, whatever the accounts, refuse its logins until the window ends.
+    login_max_failures: int = Field(default=5, ge=1, le=1_000)
+    login_failure_window_seconds: int = Field(default=900, ge=1, le=86_400)
+    login_throttle_base_seconds: int = Field(default=60, ge=1, le=86_400)
+    login_throttle_max_seconds: int = Field(default=900, ge=1, le=86_400)
+    login_address_max_failures: int = Field(default=100, ge=1, le=1_000_000)
+    # Logins of one client address being hashed at once, per process; more are refused at once.
+    login_max_in_flight_per_address: int = Field(default=4, ge=1, le=1_000)
+
     @field_validator(
         "jwt_private_key",
         "jwt_private_key_file",

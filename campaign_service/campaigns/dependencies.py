@@ -5,9 +5,9 @@ from typing import Annotated
 
 from fastapi import Depends
 
-from campaign_service.auth import CurrentPrincipal
 from campaign_service.campaigns.exceptions import CampaignNotFound
 from campaign_service.campaigns.repository import CampaignRepository
+from shared.auth import CurrentPrincipal
 from shared.db import SessionDep
 from shared.models import Campaign
 

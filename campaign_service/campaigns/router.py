@@ -4,7 +4,6 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, status
 
-from campaign_service.auth import CurrentPrincipal
 from campaign_service.campaigns import service
 from campaign_service.campaigns.dependencies import ValidCampaign
 from campaign_service.campaigns.pagination import Cursor
@@ -17,6 +16,7 @@ from campaign_service.campaigns.schemas import (
     JobLogRead,
 )
 from campaign_service.metrics import CampaignMetricsDep
+from shared.auth import CurrentPrincipal
 from shared.db import SessionDep
 
 router = APIRouter(

@@ -5,8 +5,20 @@ campaign_service reads), so the mapped classes live in ``shared`` next to the mi
 that creates them. Domain code imports them from here; queries stay in each domain's repository.
 """
 
+from shared.models.accounts import Invitation, LoginThrottle, RefreshToken, Role, Tenant
 from shared.models.campaigns import Campaign, CampaignJobLog, JobStatus
 from shared.models.outbox import OutboxMessage
 from shared.models.users import User
 
-__all__ = ["Campaign", "CampaignJobLog", "JobStatus", "OutboxMessage", "User"]
+__all__ = [
+    "Campaign",
+    "CampaignJobLog",
+    "Invitation",
+    "JobStatus",
+    "LoginThrottle",
+    "OutboxMessage",
+    "RefreshToken",
+    "Role",
+    "Tenant",
+    "User",
+]

@@ -23,13 +23,14 @@ class TokenIssuer:
         self._audience = audience
         self._ttl = ttl_seconds
 
-    def issue(self, *, user_id: uuid.UUID, tenant_id: str) -> IssuedToken:
+    def issue(self, *, user_id: uuid.UUID, tenant_id: str, role: str) -> IssuedToken:
         now = int(time.time())
         claims = {
             "iss": self._issuer,
             "aud": self._audience,
             "sub": str(user_id),
             "tenant_id": tenant_id,
+            "role": role,
             "iat": now,
             "exp": now + self._ttl,
             "jti": uuid.uuid4().hex,

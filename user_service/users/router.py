@@ -5,8 +5,18 @@ from fastapi import APIRouter, status
 from shared.db import SessionDep
 from user_service.metrics import UserMetricsDep
 from user_service.users import service
-from user_service.users.dependencies import PasswordsDep, TokenIssuerDep
-from user_service.users.exceptions import EmailAlreadyRegistered, InvalidCredentials
+from user_service.users.dependencies import (
+    ClientAddress,
+    LoginThrottleDep,
+    PasswordsDep,
+    SettingsDep,
+    TokenIssuerDep,
+)
+from user_service.users.exceptions import (
+    EmailAlreadyRegistered,
+    InvalidCredentials,
+    InvitationRequired,
+)
 from user_service.users.schemas import LoginRequest, RegisterRequest, TokenResponse, UserRead
 
 router = APIRouter(tags=["users"])
@@ -15,32 +25,61 @@ router = APIRouter(tags=["users"])
 @router.post(
     "/register",
     status_code=status.HTTP_201_CREATED,
-    responses={409: {"description": "The email is already registered in this tenant"}},
+    responses={
+        403: {"description": "The tenant exists, and no valid invitation for this email was given"},
+        409: {"description": "The email is already registered in this tenant"},
+    },
 )
 async def register(
     data: RegisterRequest, session: SessionDep, passwords: PasswordsDep, metrics: UserMetricsDep
 ) -> UserRead:
+    """Create a tenant (the caller becomes its owner), or join one with an invitation."""
     try:
         user = await service.register(session=session, passwords=passwords, data=data)
     except EmailAlreadyRegistered:
         metrics.registrations.labels("conflict").inc()
         raise
+    except InvitationRequired:
+        metrics.registrations.labels("forbidden").inc()
+        raise
     metrics.registrations.labels("created").inc()
     return UserRead.model_validate(user)
 
 
-@router.post("/login", responses={401: {"description": "Incorrect email or password"}})
+@router.post(
+    "/login",
+    responses={
+        401: {"description": "Incorrect email or password"},
+        429: {"description": "Too many failed logins for this account or from this address"},
+    },
+)
 async def login(
     data: LoginRequest,
     session: SessionDep,
     passwords: PasswordsDep,
     tokens: TokenIssuerDep,
+    throttle: LoginThrottleDep,
+    settings: SettingsDep,
+    address: ClientAddress,
     metrics: UserMetricsDep,
 ) -> TokenResponse:
     try:
-        issued = await service.login(session=session, passwords=passwords, tokens=tokens, data=data)
+        pair = await service.login(
+            session=session,
+            passwords=passwords,
+            tokens=tokens,
+            throttle=throttle,
+            data=data,
+            address=address,
+            refresh_ttl_seconds=settings.refresh_token_ttl_seconds,
+        )
     except InvalidCredentials:
         metrics.logins.labels("failure").inc()
         raise
     metrics.logins.labels("success").inc()
-    return TokenResponse(access_token=issued.access_token, expires_in=issued.expires_in)
+    return TokenResponse(
+        access_token=pair.access_token,
+        expires_in=pair.expires_in,
+        refresh_token=pair.refresh_token,
+        refresh_expires_in=pair.refresh_expires_in,
+    )

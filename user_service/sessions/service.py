@@ -1,0 +1,101 @@
+"""Sessions: a login starts a family of refresh tokens; each refresh rotates the token it is
+given into a new one of the family; a rotated token presented again means it was stolen (or
+replayed), and the whole family is revoked (OAuth 2.0 Security Best Current Practice, 4.14)."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from shared.errors import Unauthorized
+from shared.models import User
+from user_service.sessions.repository import RefreshTokenRepository
+from user_service.tokens.issuer import TokenIssuer
+from user_service.tokens.opaque import new_token, token_hash
+
+logger = logging.getLogger(__name__)
+
+
+class InvalidRefreshToken(Unauthorized):
+    detail = "Invalid refresh token"
+
+
+class RefreshTokenReused(InvalidRefreshToken):
+    """A rotated token came back: its family has been revoked (a change to commit)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TokenPair:
+    access_token: str
+    expires_in: int
+    refresh_token: str
+    refresh_expires_in: int
+
+
+async def start(
+    *,
+    session: AsyncSession,
+    tokens: TokenIssuer,
+    user: User,
+    ttl_seconds: int,
+    family_id: uuid.UUID | None = None,
+) -> TokenPair:
+    """An access token and a new refresh token (of a new family, or of ``family_id``)."""
+    refresh_token, digest = new_token()
+    await RefreshTokenRepository(session).add(
+        user=user,
+        family_id=family_id or uuid.uuid4(),
+        token_hash=digest,
+        expires_at=datetime.now(UTC) + timedelta(seconds=ttl_seconds),
+    )
+    access = tokens.issue(user_id=user.id, tenant_id=user.tenant_id, role=user.role)
+    return TokenPair(access.access_token, access.expires_in, refresh_token, ttl_seconds)
+
+
+async def refresh(
+    *, session: AsyncSession, tokens: TokenIssuer, refresh_token: str, ttl_seconds: int
+) -> TokenPair:
+    repository = RefreshTokenRepository(session)
+    found = await repository.find_for_update(token_hash(refresh_token))
+    now = datetime.now(UTC)
+    if found is None:
+        raise InvalidRefreshToken()
+    token, user = found
+    if token.revoked_at is not None or token.expires_at <= now:
+        raise InvalidRefreshToken()
+    if token.rotated_at is not None:
+        await repository.revoke_family(token.family_id, now)
+        logger.warning(
+            "a rotated refresh token was used again; its family is revoked",
+            extra={
+                "tenant_id": user.tenant_id,
+                "user_id": str(user.id),
+                "family_id": str(token.family_id),
+            },
+        )
+        raise RefreshTokenReused()
+    await repository.mark_rotated(token, now)
+    return await start(
+        session=session,
+        tokens=tokens,
+        user=user,
+        ttl_seconds=ttl_seconds,
+        family_id=token.family_id,
+    )
+
+
+async def logout(*, session: AsyncSession, refresh_token: str) -> None:
+    """Revoke the token's family (nothing to do for a token that is not ours)."""
+    repository = RefreshTokenRepository(session)
+    found = await repository.find_for_update(token_hash(refresh_token))
+    if found is not None:
+        token, user = found
+        await repository.revoke_family(token.family_id, datetime.now(UTC))
+        logger.info(
+            "logged out",
+            extra={"tenant_id": user.tenant_id, "user_id": str(user.id)},
+        )
