@@ -15,7 +15,7 @@ import pytest
 from tests.observability.conftest import Stack
 from tests.support.campaigns import create_campaign, wait_for_jobs
 from tests.support.metrics import parse
-from tests.support.users import PASSWORD
+from tests.support.users import PASSWORD, bearer, invite
 
 HEX32 = re.compile(r"^[0-9a-f]{32}$")
 HEX16 = re.compile(r"^[0-9a-f]{16}$")
@@ -179,17 +179,23 @@ class TestMetrics:
         tenant = f"m-{uuid.uuid4().hex[:8]}"
         credentials = {"tenant_id": tenant, "email": "ada@example.com", "password": PASSWORD}
         before = await scrape(stack.user.url)
+        bob = {**credentials, "email": "bob@example.com"}
         async with httpx.AsyncClient(base_url=stack.user.url) as client:
             await client.post("/register", json=credentials)
-            await client.post("/register", json=credentials)
-            await client.post("/login", json=credentials)
+            await client.post("/register", json=bob)  # no invitation into an existing tenant
+            login = await client.post("/login", json=credentials)
             await client.post("/login", json={**credentials, "password": "wrong password"})
+            owner = bearer(login.json()["access_token"])
+            first, second = [await invite(client, owner, bob["email"]) for _ in "12"]
+            await client.post("/register", json={**bob, "invitation": first["token"]})
+            await client.post("/register", json={**bob, "invitation": second["token"]})
         after = await scrape(stack.user.url)
 
         def delta(name: str, outcome: str) -> float:
             return sample(after, name, outcome=outcome) - sample(before, name, outcome=outcome)
 
-        assert delta("user_registrations_total", "created") == 1
+        assert delta("user_registrations_total", "created") == 2
+        assert delta("user_registrations_total", "forbidden") == 1
         assert delta("user_registrations_total", "conflict") == 1
         assert delta("user_logins_total", "success") == 1
         assert delta("user_logins_total", "failure") == 1

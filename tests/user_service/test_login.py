@@ -74,8 +74,9 @@ class TestLogin:
         jwks = (await user_client.get("/.well-known/jwks.json")).json()
         assert header["alg"] == "Ed25519"
         assert header["kid"] in {key["kid"] for key in jwks["keys"]}
-        assert set(claims) == {"sub", "tenant_id", "iss", "aud", "iat", "exp", "jti"}
+        assert set(claims) == {"sub", "tenant_id", "role", "iss", "aud", "iat", "exp", "jti"}
         assert claims["sub"] == user["id"]
+        assert claims["role"] == "owner"
         assert claims["iss"] == user_settings.jwt_issuer
         assert claims["aud"] == user_settings.jwt_audience
         assert claims["exp"] - claims["iat"] == user_settings.jwt_access_token_ttl_seconds

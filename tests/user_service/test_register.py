@@ -13,6 +13,7 @@ import pytest
 from fastapi import FastAPI
 
 from tests.support.bodies import NOT_JSON
+from tests.support.users import invite, owner_headers
 from user_service.users.schemas import PASSWORD_MAX_LENGTH, PASSWORD_MIN_LENGTH
 
 PASSWORD = "correct horse battery staple"
@@ -20,6 +21,12 @@ PASSWORD = "correct horse battery staple"
 
 def body(tenant: str, email: str = "ada@example.com", password: str = PASSWORD) -> dict[str, str]:
     return {"tenant_id": tenant, "email": email, "password": password}
+
+
+async def register_with(
+    client: httpx.AsyncClient, tenant: str, email: str, invitation: str
+) -> httpx.Response:
+    return await client.post("/register", json={**body(tenant, email), "invitation": invitation})
 
 
 def failing_fields(response: httpx.Response) -> list[list[Any]]:
@@ -35,9 +42,10 @@ class TestRegister:
 
         assert response.status_code == 201, response.text
         user = response.json()
-        assert set(user) == {"id", "tenant_id", "email", "created_at"}
+        assert set(user) == {"id", "tenant_id", "email", "role", "created_at"}
         assert user["tenant_id"] == tenant
         assert user["email"] == "ada@example.com"
+        assert user["role"] == "owner"  # the first user of a tenant creates and owns it
         created_at = datetime.fromisoformat(user["created_at"])
         assert abs(datetime.now(UTC) - created_at) < timedelta(minutes=1)
         row = await db.fetchrow("SELECT * FROM users WHERE id = $1", uuid.UUID(user["id"]))
@@ -91,11 +99,16 @@ class TestRegister:
     async def test_same_email_twice_in_a_tenant_is_a_conflict(
         self, user_client: httpx.AsyncClient, tenant: str
     ) -> None:
-        first = await user_client.post("/register", json=body(tenant, "ada@example.com"))
-        again = await user_client.post("/register", json=body(tenant, "ada@example.com"))
-        other_case = await user_client.post("/register", json=body(tenant, "ADA@example.com"))
+        """Only through invitations (without one, an existing tenant refuses everyone): two
+        invitations for one email, the second used after the first."""
+        owner = await owner_headers(user_client, tenant)
+        first, second, third = [await invite(user_client, owner, "bob@example.com") for _ in "123"]
 
-        assert first.status_code == 201
+        joined = await register_with(user_client, tenant, "bob@example.com", first["token"])
+        again = await register_with(user_client, tenant, "bob@example.com", second["token"])
+        other_case = await register_with(user_client, tenant, "BOB@example.com", third["token"])
+
+        assert joined.status_code == 201
         assert again.status_code == 409
         assert other_case.status_code == 409
         assert again.json() == {"detail": "This email is already registered in this tenant"}
@@ -118,9 +131,32 @@ class TestRegister:
             *(user_client.post("/register", json=body(tenant, email)) for email in emails)
         )
 
+        # The first creates the tenant; the others find it existing, and have no invitation.
         statuses = sorted(response.status_code for response in responses)
-        assert statuses == [201] + [409] * (len(emails) - 1)
+        assert statuses == [201] + [403] * (len(emails) - 1)
         count = await db.fetchval("SELECT count(*) FROM users WHERE tenant_id = $1", tenant)
+        assert count == 1
+
+    async def test_racing_registrations_with_invitations_create_one_user(
+        self, user_client: httpx.AsyncClient, tenant: str, db: asyncpg.Connection
+    ) -> None:
+        owner = await owner_headers(user_client, tenant)
+        invitations = [await invite(user_client, owner, "race@example.com") for _ in range(6)]
+
+        responses = await asyncio.gather(
+            *(
+                register_with(user_client, tenant, "Race@Example.com", invitation["token"])
+                for invitation in invitations
+            )
+        )
+
+        statuses = sorted(response.status_code for response in responses)
+        assert statuses == [201] + [409] * (len(invitations) - 1)
+        count = await db.fetchval(
+            "SELECT count(*) FROM users WHERE tenant_id = $1 AND email = $2",
+            tenant,
+            "race@example.com",
+        )
         assert count == 1
 
 

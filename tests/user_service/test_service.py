@@ -39,9 +39,18 @@ class TestHealth:
         schema = (await user_client.get("/openapi.json")).json()
 
         assert docs.status_code == 200
-        assert {"/register", "/login", "/.well-known/jwks.json", "/health", "/ready"} <= set(
-            schema["paths"]
-        )
+        assert {
+            "/register",
+            "/login",
+            "/token/refresh",
+            "/logout",
+            "/invitations",
+            "/members",
+            "/members/{member_id}",
+            "/.well-known/jwks.json",
+            "/health",
+            "/ready",
+        } <= set(schema["paths"])
 
 
 class TestJsonLogs:

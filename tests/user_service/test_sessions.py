@@ -1,0 +1,236 @@
+"""Sessions: a login's refresh token rotates on every use; reuse of a rotated one, or a logout,
+ends the whole family; campaign_service takes the access tokens of every role."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+
+from campaign_service.app import create_app as create_campaign_app
+from tests.pipeline.conftest import CAMPAIGN_SERVICE_URL, make_campaign_settings, wait_ready
+from tests.support.users import (
+    bearer,
+    invite_and_register,
+    logged_in,
+    owner_headers,
+    register,
+    token_claims,
+)
+from user_service.settings import UserServiceSettings
+
+INVALID = {"detail": "Invalid refresh token"}
+TOKEN_FIELDS = {"access_token", "token_type", "expires_in", "refresh_token", "refresh_expires_in"}
+
+
+async def refresh(client: httpx.AsyncClient, refresh_token: str) -> httpx.Response:
+    return await client.post("/token/refresh", json={"refresh_token": refresh_token})
+
+
+async def refreshed(client: httpx.AsyncClient, refresh_token: str) -> dict[str, Any]:
+    response = await refresh(client, refresh_token)
+    assert response.status_code == 200, response.text
+    tokens: dict[str, Any] = response.json()
+    return tokens
+
+
+async def logout(client: httpx.AsyncClient, refresh_token: str) -> httpx.Response:
+    return await client.post("/logout", json={"refresh_token": refresh_token})
+
+
+@pytest.fixture
+async def session(user_client: httpx.AsyncClient, tenant: str) -> dict[str, Any]:
+    """A fresh login of the tenant's owner."""
+    assert (await register(user_client, tenant)).status_code == 201
+    return await logged_in(user_client, tenant)
+
+
+class TestLogin:
+    async def test_returns_a_refresh_token(
+        self, session: dict[str, Any], user_settings: UserServiceSettings
+    ) -> None:
+        assert set(session) == TOKEN_FIELDS
+        assert session["token_type"] == "bearer"
+        assert session["refresh_expires_in"] == user_settings.refresh_token_ttl_seconds
+        assert isinstance(session["refresh_token"], str)
+        assert len(session["refresh_token"]) >= 32
+        assert session["refresh_token"] != session["access_token"]
+
+    async def test_each_login_gets_its_own_refresh_token(
+        self, user_client: httpx.AsyncClient, tenant: str, session: dict[str, Any]
+    ) -> None:
+        again = await logged_in(user_client, tenant)
+
+        assert again["refresh_token"] != session["refresh_token"]
+
+
+class TestRefresh:
+    async def test_rotates_the_pair(
+        self,
+        user_client: httpx.AsyncClient,
+        user_settings: UserServiceSettings,
+        session: dict[str, Any],
+    ) -> None:
+        tokens = await refreshed(user_client, session["refresh_token"])
+
+        assert set(tokens) == TOKEN_FIELDS
+        assert tokens["token_type"] == "bearer"
+        assert tokens["expires_in"] == user_settings.jwt_access_token_ttl_seconds
+        assert tokens["refresh_token"] != session["refresh_token"]
+        assert tokens["access_token"] != session["access_token"]
+        old, new = token_claims(session["access_token"]), token_claims(tokens["access_token"])
+        assert (new["sub"], new["tenant_id"], new["role"]) == (
+            old["sub"],
+            old["tenant_id"],
+            "owner",
+        )
+        assert new["jti"] != old["jti"]
+        members = await user_client.get("/members", headers=bearer(tokens["access_token"]))
+        assert members.status_code == 200
+
+        reused = await refresh(user_client, session["refresh_token"])
+
+        assert (reused.status_code, reused.json()) == (401, INVALID)
+
+    async def test_a_chain_of_refreshes(
+        self, user_client: httpx.AsyncClient, session: dict[str, Any]
+    ) -> None:
+        token = session["refresh_token"]
+        seen = {token}
+        for _ in range(3):
+            token = (await refreshed(user_client, token))["refresh_token"]
+            seen.add(token)
+
+        assert len(seen) == 4
+        assert (await refresh(user_client, token)).status_code == 200
+
+    async def test_reuse_of_a_rotated_token_revokes_the_family(
+        self, user_client: httpx.AsyncClient, tenant: str, session: dict[str, Any]
+    ) -> None:
+        other_session = await logged_in(user_client, tenant)
+        second = await refreshed(user_client, session["refresh_token"])
+        third = await refreshed(user_client, second["refresh_token"])
+
+        reused = await refresh(user_client, session["refresh_token"])  # stolen and replayed
+        newest = await refresh(user_client, third["refresh_token"])
+
+        assert (reused.status_code, reused.json()) == (401, INVALID)
+        assert (newest.status_code, newest.json()) == (401, INVALID)
+        # Another login's family is another session: it goes on.
+        assert (await refresh(user_client, other_session["refresh_token"])).status_code == 200
+
+    async def test_racing_refreshes_with_one_token_rotate_it_once(
+        self, user_client: httpx.AsyncClient, session: dict[str, Any]
+    ) -> None:
+        """Two holders of one token (the user and a thief) presenting it at once: one rotation,
+        the others are reuse, and the family goes."""
+        responses = await asyncio.gather(
+            *(refresh(user_client, session["refresh_token"]) for _ in range(5))
+        )
+
+        assert sorted(response.status_code for response in responses) == [200] + [401] * 4
+        [winner] = [response.json() for response in responses if response.status_code == 200]
+        assert (await refresh(user_client, winner["refresh_token"])).json() == INVALID
+
+    async def test_an_expired_token_is_refused(
+        self, user_client: httpx.AsyncClient, session: dict[str, Any], db: asyncpg.Connection
+    ) -> None:
+        user_id = uuid.UUID(token_claims(session["access_token"])["sub"])
+        await db.execute(
+            "UPDATE refresh_tokens SET expires_at = now() - interval '1 second' WHERE user_id = $1",
+            user_id,
+        )
+
+        response = await refresh(user_client, session["refresh_token"])
+
+        assert (response.status_code, response.json()) == (401, INVALID)
+
+    @pytest.mark.parametrize("token", ["x", "not-a-refresh-token", "A" * 43])
+    async def test_an_unknown_token_is_refused(
+        self, user_client: httpx.AsyncClient, token: str
+    ) -> None:
+        response = await refresh(user_client, token)
+
+        assert (response.status_code, response.json()) == (401, INVALID)
+
+
+class TestLogout:
+    async def test_ends_the_family(
+        self, user_client: httpx.AsyncClient, tenant: str, session: dict[str, Any]
+    ) -> None:
+        other_session = await logged_in(user_client, tenant)
+        second = await refreshed(user_client, session["refresh_token"])
+
+        response = await logout(user_client, second["refresh_token"])
+
+        assert response.status_code == 204
+        assert response.content == b""
+        for token in (second["refresh_token"], session["refresh_token"]):
+            assert (await refresh(user_client, token)).json() == INVALID
+        assert (await refresh(user_client, other_session["refresh_token"])).status_code == 200
+
+    async def test_twice_is_fine(
+        self, user_client: httpx.AsyncClient, session: dict[str, Any]
+    ) -> None:
+        first = await logout(user_client, session["refresh_token"])
+        second = await logout(user_client, session["refresh_token"])
+
+        assert (first.status_code, second.status_code) == (204, 204)
+        assert (await refresh(user_client, session["refresh_token"])).status_code == 401
+
+    @pytest.mark.parametrize("token", ["x", "not-a-refresh-token", "A" * 43])
+    async def test_an_unknown_token_is_no_content_too(
+        self, user_client: httpx.AsyncClient, token: str
+    ) -> None:
+        assert (await logout(user_client, token)).status_code == 204
+
+    async def test_a_body_without_a_token_is_invalid(self, user_client: httpx.AsyncClient) -> None:
+        assert (await user_client.post("/logout", json={})).status_code == 422
+
+
+@pytest.fixture
+async def campaign_client(
+    database_url: str, amqp_url: str, user_client: httpx.AsyncClient
+) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_campaign_app(
+        make_campaign_settings(database_url, amqp_url), jwks_client=user_client
+    )
+    async with app.router.lifespan_context(app):
+        await wait_ready(app)
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url=CAMPAIGN_SERVICE_URL
+        ) as client:
+            yield client
+
+
+class TestCampaignServiceTakesEveryRole:
+    async def test_access_tokens_of_every_role_and_after_a_refresh(
+        self, user_client: httpx.AsyncClient, campaign_client: httpx.AsyncClient, tenant: str
+    ) -> None:
+        owner = await owner_headers(user_client, tenant)
+        emails = {"owner": "ada@example.com"}
+        for role in ("admin", "member"):
+            emails[role] = f"{role}@example.com"
+            await invite_and_register(user_client, owner, tenant, emails[role], role)
+
+        created = []
+        for role, email in emails.items():
+            tokens = await logged_in(user_client, tenant, email)
+            again = await refreshed(user_client, tokens["refresh_token"])
+            for access_token in (tokens["access_token"], again["access_token"]):
+                assert token_claims(access_token)["role"] == role
+                response = await campaign_client.post(
+                    "/campaigns", json={"name": f"by {role}"}, headers=bearer(access_token)
+                )
+                assert response.status_code == 201, (role, response.text)
+                assert response.json()["tenant_id"] == tenant
+                created.append(response.json()["id"])
+
+        listed = await campaign_client.get("/campaigns?limit=50", headers=owner)
+        assert listed.status_code == 200
+        assert sorted(item["id"] for item in listed.json()["items"]) == sorted(created)
