@@ -83,6 +83,7 @@ def claims(settings: UserServiceSettings, **changes: Any) -> dict[str, Any]:
         "aud": settings.jwt_audience,
         "sub": "6d0c2a5e-3f0a-4a53-9d59-1f7f2f7e2b11",
         "tenant_id": "acme",
+        "role": "member",
         "iat": now,
         "exp": now + 60,
         "jti": "a1",
@@ -109,6 +110,7 @@ class TestTokenVerification:
         principal = await verifier.verify(await token_for(user_client, tenant))
 
         assert principal.tenant_id == tenant
+        assert principal.role == "owner"
 
     async def test_changed_payload_is_refused(
         self, verifier: TokenVerifier, user_client: httpx.AsyncClient, tenant: str
@@ -180,6 +182,10 @@ class TestTokenVerification:
             {"exp": None},
             {"iat": None},
             {"jti": None},
+            {"role": None},
+            {"role": "superuser"},
+            {"role": "OWNER"},
+            {"role": ["owner"]},
         ],
         ids=lambda change: ",".join(f"{key}={value}" for key, value in change.items()),
     )
