@@ -101,6 +101,14 @@ def test_user_service(services: dict[str, str]) -> None:
     fuzz(f"{services['user']}/openapi.json")
 
 
+def test_user_service_as_a_tenant_owner(services: dict[str, str]) -> None:
+    """The Bearer endpoints (invitations, members) past authentication."""
+    fuzz(
+        f"{services['user']}/openapi.json",
+        headers={"Authorization": f"Bearer {services['token']}"},
+    )
+
+
 def test_campaign_service(services: dict[str, str]) -> None:
     fuzz(
         f"{services['campaigns']}/openapi.json",
