@@ -17,7 +17,7 @@ from tests.support.databases import create_database, drop_database
 from tests.support.processes import ROOT, free_port
 from tests.support.rabbit import PrivateRabbitNode, RabbitAdmin, new_vhost_name, vhost_url
 from tests.support.spans import Spans, recorded_spans
-from tests.support.users import USER_SERVICE_URL, make_user_settings
+from tests.support.users import client_of, make_user_settings, new_address
 from user_service.app import create_app as create_user_app
 from user_service.settings import UserServiceSettings
 
@@ -102,9 +102,9 @@ async def user_app(user_settings: UserServiceSettings) -> AsyncIterator[FastAPI]
 
 @pytest.fixture
 async def user_client(user_app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=user_app), base_url=USER_SERVICE_URL
-    ) as client:
+    """A client calling from an address of this test's own: failed logins count per client
+    address too, and one test's must never throttle another's."""
+    async with client_of(user_app, new_address()) as client:
         yield client
 
 
