@@ -6,12 +6,12 @@ machine, so a change's effect shows even when the machine's speed drifts between
 figure on these machines moves by a tenth from one run to the next).
 
 - ``drain`` (the default): the worker drains ``--events`` queued events; events/s, and the CPU
-  the worker (with its span export process) spent per event from its first row on.
+  the worker spent per event from its first row on.
 - ``post``, ``get``: campaign_service (each build's, started afresh each run; user_service of the
   working tree issues the token) under ``wrk`` for ``--seconds``, 32 connections, on POST or
-  GET /campaigns; requests/s, and the CPU the service (with its span export process) spent per
-  request, which moves less from run to run on a busy host than the rate does. The outbox is
-  drained and the tables vacuumed between runs.
+  GET /campaigns; requests/s, and the CPU the service spent per request, which moves less from
+  run to run on a busy host than the rate does. The outbox is drained and the tables vacuumed
+  between runs.
 
 Tracing at 100% unless ``--env OTEL_SDK_DISABLED=true`` (or any other variable) says otherwise.
 Prints each run and the means, and writes them as JSON under benchmark-results/.
@@ -60,8 +60,7 @@ async def _drain(
     bench: Bench, name: str, root: Path, env: dict[str, str], events: int
 ) -> tuple[float, float]:
     """One worker of the build at ``root`` draining ``events`` queued events: events/s, and µs
-    of the worker's CPU (with its span export process) per event, from its first row on (its
-    start-up is not the drain's)."""
+    of the worker's CPU per event, from its first row on (its start-up is not the drain's)."""
     await truncate_logs(bench)
     await purge_worker_queue(bench)
     await queue_events(bench, await seed_campaigns(bench, events))

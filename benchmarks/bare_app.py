@@ -2,8 +2,12 @@
 (campaign row + outbox row in one statement, in a transaction, as campaign_service writes them)
 and the same page query, with asyncpg directly: no token, no tracing, no metrics, no ORM.
 
-With ``BARE_TRACING=true`` it is traced as the services are (the same server span middleware and
-statement spans, sampled and exported): the floor that tracing alone leaves the services.
+With ``BARE_TRACING=true`` it carries the services' stock instrumentation: the tracer provider
+of ``shared.telemetry.configure_tracing`` (the SDK's batch span processor and OTLP exporter),
+``FastAPIInstrumentor`` as ``shared.telemetry.instrument_app`` installs it, and a span for each
+statement, made with the public API (``start_as_current_span``) and named and described as the
+SQLAlchemy instrumentation describes the services' statements (opentelemetry-instrumentation-
+asyncpg is not a dependency): the floor that tracing alone leaves the services.
 
     [BARE_TRACING=true] uvicorn benchmarks.bare_app:app --port 8101
 """
@@ -13,24 +17,20 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Mapping
+from contextlib import AbstractContextManager, asynccontextmanager, nullcontext
 from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 from fastapi import FastAPI, Request
+from opentelemetry import trace
+from opentelemetry.semconv.trace import SpanAttributes
+from opentelemetry.trace import SpanKind
 from pydantic import BaseModel
 from sqlalchemy.engine import make_url
 
-from shared import spans
-from shared.telemetry import (
-    NO_NATIVE_TELEMETRY,
-    configure_tracing,
-    database_attributes,
-    instrument_app,
-    start_statement_span,
-)
+from shared.telemetry import NO_NATIVE_TELEMETRY, configure_tracing, instrument_app
 
 TENANT = "bench"
 TRACED = os.environ.get("BARE_TRACING") == "true"
@@ -89,26 +89,48 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     await app.state.pool.close()
 
 
+def database_attributes(url: str) -> dict[str, str | int]:
+    """What the SQLAlchemy instrumentation records of a statement's connection, from its URL."""
+    parsed = make_url(url)
+    attributes: dict[str, str | int] = {SpanAttributes.DB_SYSTEM: "postgresql"}
+    if parsed.host:
+        attributes[SpanAttributes.NET_PEER_NAME] = parsed.host
+    if parsed.port:
+        attributes[SpanAttributes.NET_PEER_PORT] = parsed.port
+    if parsed.database:
+        attributes[SpanAttributes.DB_NAME] = parsed.database
+    if parsed.username:
+        attributes[SpanAttributes.DB_USER] = parsed.username
+    return attributes
+
+
+def statement_span(
+    tracer: trace.Tracer, text: str, database: Mapping[str, str | int]
+) -> AbstractContextManager[trace.Span]:
+    """A statement's CLIENT span, as the SQLAlchemy instrumentation makes one for the services'
+    engines: named by the statement's first word and the database, with the statement's text."""
+    name = " ".join(filter(None, (text.split()[0], str(database.get(SpanAttributes.DB_NAME, "")))))
+    return tracer.start_as_current_span(
+        name,
+        kind=SpanKind.CLIENT,
+        attributes={**database, SpanAttributes.DB_STATEMENT: text},
+    )
+
+
 # As the services: FastAPI's own tracing off (once a tracer provider exists it would trace every
 # request a second time), the platform's instrumentation on when asked for.
 app = FastAPI(lifespan=lifespan, telemetry=NO_NATIVE_TELEMETRY)
+_tracer: trace.Tracer | None = None
 if TRACED:
-    instrument_app(app, configure_tracing("bare"))
-_tracer = spans.tracer(__name__)
-_database = database_attributes(make_url(os.environ.get("DATABASE_URL", "postgresql://")))
+    _provider = configure_tracing("bare")
+    instrument_app(app, _provider)
+    _tracer = _provider.get_tracer(__name__)
+_database = database_attributes(os.environ.get("DATABASE_URL", "postgresql://"))
 
 
-@contextmanager
-def statement(text: str) -> Iterator[None]:
-    """A statement's span, as the services' engines make one, when traced."""
-    if not TRACED:
-        yield
-        return
-    span = start_statement_span(_tracer, text, _database)
-    try:
-        yield
-    finally:
-        span.end()
+def statement(text: str) -> AbstractContextManager[object]:
+    """A statement's span when traced, nothing otherwise."""
+    return nullcontext() if _tracer is None else statement_span(_tracer, text, _database)
 
 
 @app.post("/campaigns", status_code=201)

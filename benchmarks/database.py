@@ -90,7 +90,11 @@ async def run(bench: Bench, count: int = 3000) -> dict[str, Any]:
     engine = create_engine(DatabaseSettings(database_url=bench.database_url), application_name="b")
     sessionmaker = create_sessionmaker(engine)
     principal = Principal(
-        user_id=uuid.uuid4(), tenant_id=TENANT, token_id="bench", expires_at=datetime.now(UTC)
+        user_id=uuid.uuid4(),
+        tenant_id=TENANT,
+        role="owner",
+        token_id="bench",
+        expires_at=datetime.now(UTC),
     )
     data = CampaignCreate(name="bench")
     # The use case logs a line per campaign: off here, so the figures are the database layers'.

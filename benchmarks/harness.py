@@ -212,12 +212,12 @@ class Process:
         return self.process.pid
 
     def pids(self) -> list[int]:
-        """The process and the processes it started (a service's span export process)."""
+        """The process and the processes it started (if any)."""
         return [self.pid, *_descendants(self.pid)]
 
     def rss_mib(self) -> float | None:
-        """Resident set size of the process and the processes it started (a service's span
-        export process), or None once it has exited (the baselines stop at their count)."""
+        """Resident set size of the process and the processes it started (if any), or None
+        once it has exited (the baselines stop at their count)."""
         sizes = [_rss_mib(pid) for pid in self.pids()]
         if sizes[0] is None:
             return None

@@ -34,18 +34,21 @@ async def main() -> None:
         "--drain-rounds",
         type=int,
         default=3,
-        help="rounds of the batched loop then the worker, back to back, for the drain ratio",
+        help="rounds of the batched loop then the worker (tracing 100%%, 10%%, off), back to "
+        "back, for the drain ratios",
     )
     parser.add_argument(
         "--http-rounds",
         type=int,
         default=3,
-        help="rounds of POST /campaigns against its limits, back to back, for its ratios",
+        help="rounds of POST /campaigns against its limits (the same work on bare libraries, "
+        "the bare endpoint), back to back, for its ratios",
     )
     parser.add_argument(
         "--rates",
         default="50,100,150,200",
-        help="comma-separated offered rates (POST /campaigns per second) for the latency runs",
+        help="comma-separated offered rates (POST /campaigns per second) for the latency runs; "
+        "the target is at 150",
     )
     parser.add_argument("--seconds", type=int, default=30, help="length of each latency run")
     parser.add_argument("--results", type=Path, default=Path("benchmark-results"))
@@ -68,7 +71,7 @@ async def main() -> None:
         )
         if "drain" in wanted:
             results["drain"] = await drain.run(bench, events=args.events, rounds=args.drain_rounds)
-            print(table("Worker drain rate", results["drain"]["table"]))
+            print(table("Worker drain rate (medians of rounds)", results["drain"]["table"]))
             print(
                 table(
                     "The worker against the batched loop, round by round",
@@ -88,10 +91,10 @@ async def main() -> None:
             post_rounds = results["http"]["post_rounds"]
             print(
                 table(
-                    "POST /campaigns against its limits, round by round (medians: vs bare "
-                    f"{post_rounds['post_vs_bare']:.2f}, vs the same work "
-                    f"{post_rounds['untraced_post_vs_same_work']:.2f}, the same work vs bare "
-                    f"{post_rounds['same_work_vs_bare']:.2f})",
+                    "POST /campaigns against its limits, round by round (medians: vs the same "
+                    f"work, both traced, {post_rounds['post_vs_same_work']:.2f}, target "
+                    f"{post_rounds['target']}; vs bare {post_rounds['post_vs_bare']:.2f}; the "
+                    f"same work vs bare {post_rounds['same_work_vs_bare']:.2f})",
                     post_rounds["table"],
                 )
             )
@@ -115,14 +118,13 @@ def _memory_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
         worker = results["drain"]["worker"]
         rows.append(
             {
-                "process": "worker + its span export process",
+                "process": "worker (tracing 100%)",
                 "when": f"after draining {worker['events']:,} events",
                 "RSS MiB": worker["rss_mib"],
             }
         )
     for name, rss in results.get("http", {}).get("rss_mib", {}).items():
-        process = f"{name} + its span export process"
-        rows.append({"process": process, "when": "after the HTTP runs", "RSS MiB": rss})
+        rows.append({"process": name, "when": "after the HTTP runs", "RSS MiB": rss})
     return rows
 
 

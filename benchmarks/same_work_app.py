@@ -7,8 +7,18 @@ token remembered until its ``exp``, at most 60 s, as the service does), the body
 campaign and its outbox row inserted by one statement on asyncpg in a transaction, the event
 published after the commit from memory (aio-pika, persistent, ``mandatory``, confirmed, over 16
 channels) and the rows of published events deleted together every 0.2 s, a JSON log line and a
-counter and a latency histogram per request, uvicorn's access line. No tracing: compare it with
-campaign_service run with tracing off.
+counter and a latency histogram per request, uvicorn's access line.
+
+Traced with the services' stock instrumentation, through the public OpenTelemetry API: the
+tracer provider of ``shared.telemetry.configure_tracing`` (the SDK's batch span processor and
+OTLP exporter, the ``OTEL_*`` variables), ``FastAPIInstrumentor`` as
+``shared.telemetry.instrument_app`` installs it (the server span), the INSERT's span as
+``bare_app.statement_span`` makes it (``start_as_current_span``, named and described as the
+SQLAlchemy instrumentation describes the service's statements), and a PRODUCER span for each
+publish, named and described as FastStream's telemetry middleware names its own, whose W3C
+context goes in the message's headers (as the request's goes in the outbox row). With
+``OTEL_SDK_DISABLED=true`` every span is a no-op: compare it with campaign_service run the same
+way.
 
     JWT_JWKS_URL=... uvicorn benchmarks.same_work_app:app --port 8102
 """
@@ -33,16 +43,31 @@ import httpx
 from fastapi import FastAPI, HTTPException, Request
 from joserfc import jwt
 from joserfc.jwk import KeySet
+from opentelemetry import propagate
+from opentelemetry.semconv.trace import SpanAttributes
+from opentelemetry.trace import SpanKind
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from benchmarks.bare_app import CampaignIn, campaign_body, campaign_event
+from benchmarks.bare_app import (
+    CampaignIn,
+    campaign_body,
+    campaign_event,
+    database_attributes,
+    statement_span,
+)
 from shared.messaging import CAMPAIGNS_EXCHANGE
+from shared.telemetry import (
+    NO_NATIVE_TELEMETRY,
+    configure_tracing,
+    current_trace_context,
+    instrument_app,
+)
 
 INSERT = (
     "WITH campaign AS (INSERT INTO campaigns (id, tenant_id, name, description, created_at) "
     "VALUES ($1, $2, $3, $4, $5)) "
     "INSERT INTO outbox (id, tenant_id, exchange, routing_key, payload, headers) "
-    "VALUES ($6, $2, $7, 'campaign.created', $8, '{}')"
+    "VALUES ($6, $2, $7, 'campaign.created', $8, $9)"
 )
 CHANNELS = 16
 
@@ -137,23 +162,44 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     await pool.close()
 
 
-app = FastAPI(lifespan=lifespan)
+# As the service: FastAPI's own tracing off, the stock instrumentation on.
+app = FastAPI(lifespan=lifespan, telemetry=NO_NATIVE_TELEMETRY)
+_provider = configure_tracing("same_work")
+instrument_app(app, _provider)
+_tracer = _provider.get_tracer(__name__)
+_database = database_attributes(os.environ.get("DATABASE_URL", "postgresql://"))
+_PUBLISH_ATTRIBUTES = {
+    SpanAttributes.MESSAGING_SYSTEM: "rabbitmq",
+    SpanAttributes.MESSAGING_DESTINATION_NAME: CAMPAIGNS_EXCHANGE.name,
+    SpanAttributes.MESSAGING_RABBITMQ_DESTINATION_ROUTING_KEY: "campaign.created",
+    SpanAttributes.MESSAGING_OPERATION: "publish",
+}
 
 
 async def _publish(exchange: aio_pika.abc.AbstractExchange, event: dict[str, Any]) -> None:
-    await exchange.publish(
-        aio_pika.Message(
-            json.dumps(event).encode(),
-            content_type="application/json",
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=event["event_id"],
-            type=event["event_type"],
-            timestamp=datetime.now(UTC),
-        ),
-        routing_key=event["event_type"],
-        mandatory=True,
-        timeout=5,
-    )
+    # In the request's trace (the task was started in it), as the relay publishes in the trace
+    # of the request that wrote the row; the publish span's context goes with the message.
+    with _tracer.start_as_current_span(
+        f"{CAMPAIGNS_EXCHANGE.name}.{event['event_type']} publish",
+        kind=SpanKind.PRODUCER,
+        attributes=_PUBLISH_ATTRIBUTES,
+    ):
+        headers: dict[str, str] = {}
+        propagate.inject(headers)
+        await exchange.publish(
+            aio_pika.Message(
+                json.dumps(event).encode(),
+                content_type="application/json",
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                message_id=event["event_id"],
+                type=event["event_type"],
+                timestamp=datetime.now(UTC),
+                headers=dict(headers),  # aio-pika's header value type
+            ),
+            routing_key=event["event_type"],
+            mandatory=True,
+            timeout=5,
+        )
     state.published.append(uuid.UUID(event["event_id"]))
 
 
@@ -165,17 +211,20 @@ async def create(data: CampaignIn, request: Request) -> dict[str, Any]:
     now = datetime.now(UTC)
     event = campaign_event(event_id, campaign_id, tenant, data, now)
     async with request.app.state.pool.acquire() as connection, connection.transaction():
-        await connection.execute(
-            INSERT,
-            campaign_id,
-            tenant,
-            data.name,
-            data.description,
-            now,
-            event_id,
-            CAMPAIGNS_EXCHANGE.name,
-            json.dumps(event),
-        )
+        with statement_span(_tracer, INSERT, _database):
+            await connection.execute(
+                INSERT,
+                campaign_id,
+                tenant,
+                data.name,
+                data.description,
+                now,
+                event_id,
+                CAMPAIGNS_EXCHANGE.name,
+                json.dumps(event),
+                # The request's trace context, kept with the row as the service keeps it.
+                json.dumps(current_trace_context()),
+            )
     task = asyncio.create_task(_publish(next(request.app.state.exchanges), event))
     state.tasks.add(task)
     task.add_done_callback(state.tasks.discard)
