@@ -19,7 +19,9 @@ from user_service.members.schemas import (
 )
 from user_service.users.dependencies import SettingsDep
 
-router = APIRouter(tags=["members"])
+router = APIRouter(
+    tags=["members"], responses={401: {"description": "Missing, invalid or expired token"}}
+)
 
 _FORBIDDEN: dict[int | str, dict[str, Any]] = {
     403: {"description": "Your role does not allow this"}

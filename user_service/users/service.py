@@ -62,24 +62,25 @@ async def login(
     refresh_ttl_seconds: int,
 ) -> TokenPair:
     who = {"tenant_id": data.tenant_id, "email": data.email}
-    # Refused before the password is looked at: a right one does not get through either.
-    await throttle.check(**who, address=address)
-    users = UserRepository(session, tenant_id=data.tenant_id)
-    user = await users.get_by_email(data.email)
-    found = (user.id, user.hashed_password) if user is not None else None
-    # End the read before waiting for a hashing thread: a login storm must not hold every
-    # pooled connection while it queues for the CPU. (What follows starts anew.)
-    await session.rollback()
+    # A place among the address's logins in flight first (refused at once, counting nothing),
+    # then the attempt counted, or refused, before the password is looked at: while the account
+    # is refused, the right password does not get through either.
     with throttle.hashing(tenant_id=data.tenant_id, address=address):
+        await throttle.admit(**who, address=address)
+        users = UserRepository(session, tenant_id=data.tenant_id)
+        user = await users.get_by_email(data.email)
+        found = (user.id, user.hashed_password) if user is not None else None
+        # End the read before waiting for a hashing thread: a login storm must not hold every
+        # pooled connection while it queues for the CPU. (What follows starts anew.)
+        await session.rollback()
         if found is None:
             await passwords.verify_unknown_user(data.password)
             valid, new_hash = False, None
         else:
             valid, new_hash = await _verify(passwords, data, *found)
     if not valid:
-        await throttle.failed(**who, address=address)
-        raise InvalidCredentials()
-    await throttle.succeeded(**who)
+        raise InvalidCredentials()  # counted already, when admitted
+    await throttle.succeeded(**who, address=address)
     user = await users.get_by_email(data.email)
     if user is None:  # removed while its password was checked
         raise InvalidCredentials()

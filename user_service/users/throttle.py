@@ -1,10 +1,16 @@
 """Login throttling: password guessing against one account, credential stuffing from one client
 address, and a storm of logins from one place holding every hashing thread.
 
+Every login attempt is admitted before its password is looked at, and counted as it is
+admitted, in one transaction over the account's and the address's rows (locked, so concurrent
+attempts take turns): a burst of guesses cannot all slip past the limit before any of them has
+failed. The attempt that reaches an account's limit blocks the account at once; a successful
+login clears the account's count and gives the address its attempt back. An unknown account is
+counted exactly like a known one, so a 429 reveals nothing about which emails exist.
+
 The counters live in PostgreSQL (``login_throttles``), so every replica sees the same ones, and
-are written on their own connection, in autocommit: a failed login answers 401 and its request's
-unit of work rolls back, but its failure must count. An unknown account is counted exactly like
-a known one, so a 429 reveals nothing about which emails exist.
+are written in transactions of their own: a failed login answers 401 and its request's unit of
+work rolls back, but its attempt counts.
 """
 
 from __future__ import annotations
@@ -15,10 +21,12 @@ import math
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy import bindparam, text
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.types import Text
 
 from shared.errors import TooManyRequests
 from user_service.metrics import UserMetrics
@@ -47,37 +55,38 @@ class ThrottlePolicy:
         return int(min(self.base_seconds * 2**doublings, self.max_seconds))
 
 
-_BLOCKED = text(
+_ENSURE = text(
     """
-    SELECT key, extract(epoch FROM blocked_until - now()) AS seconds
-    FROM login_throttles
-    WHERE key IN (:account, :address) AND blocked_until > now()
+    INSERT INTO login_throttles (key, failures, window_started_at)
+    SELECT key, 0, now() FROM unnest(:keys) AS key
+    ON CONFLICT (key) DO NOTHING
     """
-)
-# Count one failure, in a window that starts again once the last one has passed.
-_FAILED = text(
+).bindparams(bindparam("keys", type_=ARRAY(Text())))
+_LOCK = text(
     """
-    INSERT INTO login_throttles AS t (key, failures, window_started_at)
-    VALUES (:key, 1, now())
-    ON CONFLICT (key) DO UPDATE SET
-        failures = CASE WHEN t.window_started_at > now() - CAST(:window AS interval)
-                        THEN t.failures + 1 ELSE 1 END,
-        window_started_at = CASE WHEN t.window_started_at > now() - CAST(:window AS interval)
-                                 THEN t.window_started_at ELSE now() END
-    RETURNING failures, window_started_at
+    SELECT key, failures, window_started_at, blocked_until, now() AS now
+    FROM login_throttles WHERE key = ANY(:keys) ORDER BY key FOR UPDATE
     """
-)
-_BLOCK_FOR = text(
-    "UPDATE login_throttles SET blocked_until = now() + make_interval(secs => :seconds) "
-    "WHERE key = :key"
-)
-_BLOCK = text(
+).bindparams(bindparam("keys", type_=ARRAY(Text())))
+_SET = text(
     """
-    UPDATE login_throttles SET blocked_until = greatest(blocked_until, :until)
+    UPDATE login_throttles
+    SET failures = :failures, window_started_at = :started, blocked_until = :blocked
     WHERE key = :key
     """
 )
 _CLEAR = text("DELETE FROM login_throttles WHERE key = :key")
+_GIVE_BACK = text(
+    "UPDATE login_throttles SET failures = greatest(failures - 1, 0) WHERE key = :key"
+)
+
+
+@dataclass(slots=True)
+class _Count:
+    key: str
+    failures: int
+    started: datetime
+    blocked: datetime | None
 
 
 def account_key(tenant_id: str, email: str) -> str:
@@ -90,21 +99,67 @@ def address_key(address: str) -> str:
 
 class LoginThrottle:
     def __init__(self, engine: AsyncEngine, policy: ThrottlePolicy, metrics: UserMetrics) -> None:
-        # Each statement commits by itself, whatever becomes of the request.
-        self._engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._engine = engine
         self._policy = policy
         self._metrics = metrics
         self._in_flight: Counter[str] = Counter()
 
-    async def check(self, *, tenant_id: str, email: str, address: str) -> None:
-        """Raise :class:`LoginThrottled` while the account or the address is refused."""
-        params = {"account": account_key(tenant_id, email), "address": address_key(address)}
-        async with self._engine.connect() as connection:
-            rows = (await connection.execute(_BLOCKED, params)).all()
-        if rows:
-            scope = "address" if any(key == params["address"] for key, _ in rows) else "account"
-            seconds = math.ceil(max(float(remaining) for _, remaining in rows))
-            self._refuse(scope, tenant_id, address, seconds)
+    async def admit(self, *, tenant_id: str, email: str, address: str) -> None:
+        """Count this attempt against the account and the address, or raise
+        :class:`LoginThrottled` (counting nothing) while either is refused."""
+        account, by_address = account_key(tenant_id, email), address_key(address)
+        async with self._engine.begin() as connection:
+            counts, now = await self._locked(connection, [account, by_address])
+            refusals = [
+                (key, count.blocked)
+                for key, count in counts.items()
+                if count.blocked is not None and count.blocked > now
+            ]
+            if refusals:
+                key, until = max(refusals, key=lambda refusal: refusal[1])
+                scope = "address" if key == by_address else "account"
+                seconds = math.ceil((until - now).total_seconds())
+                # Nothing written: the transaction ends with the refusal.
+                self._refuse(scope, tenant_id, address, seconds)
+            policy = self._policy
+            own = counts[account]
+            own.failures += 1
+            if (block := policy.account_block_seconds(own.failures)) is not None:
+                own.blocked = now + timedelta(seconds=block)  # lifted by a success
+            shared = counts[by_address]
+            shared.failures += 1
+            if shared.failures >= policy.address_max_failures:
+                shared.blocked = shared.started + policy.window
+            await connection.execute(
+                _SET,
+                [
+                    {
+                        "key": count.key,
+                        "failures": count.failures,
+                        "started": count.started,
+                        "blocked": count.blocked,
+                    }
+                    for count in counts.values()
+                ],
+            )
+
+    async def _locked(
+        self, connection: AsyncConnection, keys: list[str]
+    ) -> tuple[dict[str, _Count], datetime]:
+        """The keys' counts, locked (in key order: no deadlock between two attempts), with the
+        database's time; a count whose window has passed starts again."""
+        await connection.execute(_ENSURE, {"keys": keys})
+        rows = (await connection.execute(_LOCK, {"keys": keys})).all()
+        now: datetime = rows[0].now
+        counts = {}
+        for row in rows:
+            if row.window_started_at <= now - self._policy.window:
+                counts[row.key] = _Count(row.key, 0, now, None)
+            else:
+                counts[row.key] = _Count(
+                    row.key, row.failures, row.window_started_at, row.blocked_until
+                )
+        return counts, now
 
     @contextlib.contextmanager
     def hashing(self, *, tenant_id: str, address: str) -> Iterator[None]:
@@ -119,26 +174,11 @@ class LoginThrottle:
             if not self._in_flight[address]:
                 del self._in_flight[address]
 
-    async def failed(self, *, tenant_id: str, email: str, address: str) -> None:
-        """Count a failed login against the account and the address."""
-        window = self._policy.window
-        async with self._engine.connect() as connection:
-            account = account_key(tenant_id, email)
-            failures, _ = (
-                await connection.execute(_FAILED, {"key": account, "window": window})
-            ).one()
-            if (seconds := self._policy.account_block_seconds(failures)) is not None:
-                await connection.execute(_BLOCK_FOR, {"key": account, "seconds": float(seconds)})
-            by_address = address_key(address)
-            failures, started = (
-                await connection.execute(_FAILED, {"key": by_address, "window": window})
-            ).one()
-            if failures >= self._policy.address_max_failures:
-                await connection.execute(_BLOCK, {"key": by_address, "until": started + window})
-
-    async def succeeded(self, *, tenant_id: str, email: str) -> None:
-        async with self._engine.connect() as connection:
+    async def succeeded(self, *, tenant_id: str, email: str, address: str) -> None:
+        """Clear the account's count, and give the address its attempt back."""
+        async with self._engine.begin() as connection:
             await connection.execute(_CLEAR, {"key": account_key(tenant_id, email)})
+            await connection.execute(_GIVE_BACK, {"key": address_key(address)})
 
     def _refuse(self, scope: str, tenant_id: str, address: str, seconds: int) -> None:
         self._metrics.logins_throttled.labels(scope).inc()
