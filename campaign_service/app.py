@@ -53,16 +53,21 @@ def create_app(
             token_keys = _token_keys(settings, http)  # a key that cannot be used stops the start
             engine = create_engine(settings, application_name=settings.service_name)
             cleanup.push_async_callback(engine.dispose)
-            broker = create_broker(
-                settings.rabbitmq_url,
-                app_id=settings.service_name,
-                reconnect_seconds=settings.rabbitmq_reconnect_seconds,
-                middlewares=[broker_telemetry(tracing)],
-            )
-            cleanup.push_async_callback(broker.stop)
+            broker, *publishers = [
+                create_broker(
+                    settings.rabbitmq_url,
+                    app_id=settings.service_name,
+                    reconnect_seconds=settings.rabbitmq_reconnect_seconds,
+                    middlewares=[broker_telemetry(tracing)],
+                )
+                for _ in range(settings.outbox_publish_connections)
+            ]
+            for each in (broker, *publishers):
+                cleanup.push_async_callback(each.stop)
             relay = OutboxRelay(
                 engine=engine,
                 broker=broker,
+                publishers=publishers,
                 settings=settings,
                 metrics=metrics,
             )
@@ -70,6 +75,8 @@ def create_app(
 
             async def set_up_broker() -> None:
                 await declare_core(broker)
+                for publisher in publishers:
+                    await publisher.connect()
                 relay.start()
 
             # The service answers (and takes campaigns into the outbox) before the broker does.

@@ -27,3 +27,7 @@ class CampaignServiceSettings(DatabaseSettings, BrokerSettings):
     outbox_claim_after_seconds: float = Field(default=10.0, ge=0)
     outbox_publish_timeout_seconds: float = Field(default=5.0, gt=0)
     outbox_max_backoff_seconds: float = Field(default=30.0, gt=0)
+    # Connections the relay publishes on, side by side (each a FastStream broker): a channel
+    # sends its messages one at a time, each waiting for the event loop to write it, so under
+    # load one channel alone caps how many events a process publishes per second.
+    outbox_publish_connections: int = Field(default=4, ge=1, le=64)

@@ -73,6 +73,7 @@ class OutboxRelay:
         engine: AsyncEngine,
         broker: RabbitBroker,
         settings: CampaignServiceSettings,
+        publishers: Sequence[RabbitBroker] = (),
         metrics: CampaignMetrics,
     ) -> None:
         self._metrics = metrics
@@ -82,6 +83,10 @@ class OutboxRelay:
             engine.execution_options(isolation_level="AUTOCOMMIT")
         )
         self._broker = broker
+        # Publishes go round the brokers (connections), so that they do not queue on one
+        # channel; the first is ``broker`` itself, whose connection the relay checks.
+        self._publishers = [broker, *publishers]
+        self._next_publisher = 0
         self._batch_size = settings.outbox_batch_size
         self._poll_interval = settings.outbox_poll_interval_seconds
         self._claim_after = timedelta(seconds=settings.outbox_claim_after_seconds)
@@ -331,8 +336,10 @@ class OutboxRelay:
         # In the trace of the request that wrote the row (each publish runs in its own task).
         token = context.attach(propagate.extract(message.headers))
         try:
+            publisher = self._publishers[self._next_publisher]
+            self._next_publisher = (self._next_publisher + 1) % len(self._publishers)
             await publish_confirmed(
-                self._broker,
+                publisher,
                 message.payload,
                 exchange=message.exchange,
                 routing_key=message.routing_key,
