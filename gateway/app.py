@@ -11,7 +11,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
 from prometheus_client import CollectorRegistry
+from starlette.types import ASGIApp
 
+from gateway.edge import TraceBoundary, link_caller
 from gateway.proxy import Proxy
 from gateway.routes import RouteTable
 from gateway.settings import GatewaySettings
@@ -67,8 +69,22 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     )
     # The gateway's body limit answers 413 itself, so the services' 422 guard is not used here.
     install_common(
-        app, settings=settings, registry=registry, max_body_bytes=None, assign_request_ids=True
+        app,
+        settings=settings,
+        registry=registry,
+        max_body_bytes=None,
+        assign_request_ids=True,
+        server_request_hook=link_caller,
     )
+    # The trust boundary goes outside every other layer, the server span's included (the
+    # instrumentation wraps the stack the same way), so that the span starts a new trace for
+    # callers outside it.
+    instrumented = app.build_middleware_stack
+
+    def build_middleware_stack() -> ASGIApp:
+        return TraceBoundary(instrumented(), trusted=settings.gateway_trusted_callers)
+
+    app.build_middleware_stack = build_middleware_stack  # type: ignore[method-assign]
 
     def readiness() -> dict[str, ReadinessCheck]:
         return {}  # the gateway itself depends on nothing; see /api/gateway/status

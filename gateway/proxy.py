@@ -78,8 +78,8 @@ def url_part(raw: bytes) -> str:
 
 
 def request_id_of(request: Request) -> str:
-    """The caller's X-Request-ID when it is a sane token, else a new one (the gateway's
-    RequestIdLogMiddleware has normally assigned one already, so its log lines name it too)."""
+    """The request's id: the one the gateway's RequestIdLogMiddleware assigned (so its log
+    lines name it too), or a new one."""
     given = request.headers.get("x-request-id", "").encode("latin-1")
     return given.decode() if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
 

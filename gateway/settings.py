@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, IPvAnyNetwork, field_validator
 
 from shared.settings import CommonSettings
 
@@ -51,6 +51,9 @@ class GatewaySettings(CommonSettings):
     # timeout (uvicorn's 5 s) closes it: otherwise a request sent on a connection the upstream
     # is closing at that moment fails (a 502, and a POST cannot be retried).
     gateway_keepalive_expiry_seconds: float = Field(default=4.0, gt=0)
+    # Callers (IP addresses or networks, as JSON: ["10.0.0.0/8"]) whose W3C trace context the
+    # gateway continues; every other caller's becomes a link of a new trace (gateway/edge.py).
+    gateway_trusted_callers: list[IPvAnyNetwork] = Field(default_factory=list)
     # GET /api/gateway/status waits this long for each upstream's /ready.
     gateway_status_timeout_seconds: float = Field(default=1.0, gt=0)
 

@@ -15,8 +15,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from shared.db import database_unavailable
+from shared.metrics import CLIENT_CLOSED_REQUEST
 
 logger = logging.getLogger(__name__)
 
@@ -114,10 +116,22 @@ async def _validation_error_handler(request: Request, exc: Exception) -> JSONRes
 _UNPARSED_BODY = "There was an error parsing the body"
 
 
+async def _client_disconnect_handler(request: Request, exc: Exception) -> Response:
+    """The client went away before its request body arrived whole: its own doing, not an
+    error of ours (no traceback, no 5xx), but counted (``http_server_client_aborts_total``)."""
+    logger.info(
+        "client went away before its request body arrived", extra={"path": request.url.path}
+    )
+    return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+
 async def _http_error_handler(request: Request, exc: Exception) -> Response:
     """FastAPI's, except that a body it could not parse is a 422 naming ``body``, as a body
-    that is not JSON at all is, not a 400 with a string ``detail``."""
+    that is not JSON at all is, not a 400 with a string ``detail``; and a body the client
+    stopped sending is a client abort."""
     assert isinstance(exc, HTTPException)
+    if isinstance(exc.__cause__, ClientDisconnect):
+        return await _client_disconnect_handler(request, exc.__cause__)
     if exc.status_code == 400 and exc.detail == _UNPARSED_BODY:
         detail = [{"loc": ["body"], "msg": "JSON decode error", "type": "json_invalid"}]
         return JSONResponse({"detail": detail}, status_code=422)
@@ -128,6 +142,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(DomainError, _domain_error_handler)
     app.add_exception_handler(RequestValidationError, _validation_error_handler)
     app.add_exception_handler(HTTPException, _http_error_handler)
+    app.add_exception_handler(ClientDisconnect, _client_disconnect_handler)
     # A dependency that is away (the database, mostly) surfaces as one of these.
     for outage in (SQLAlchemyError, OSError, TimeoutError):
         app.add_exception_handler(outage, _database_error_handler)

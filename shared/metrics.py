@@ -15,6 +15,7 @@ from opentelemetry.instrumentation.utils import suppress_instrumentation
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
+    Counter,
     Gauge,
     Histogram,
     disable_created_metrics,
@@ -23,6 +24,10 @@ from prometheus_client import (
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 logger = logging.getLogger(__name__)
+
+# What shared.errors answers a client abort with (nginx's status for "client closed request"):
+# nobody receives it; the access log and the request metrics record it.
+CLIENT_CLOSED_REQUEST = 499
 
 Refresher = Callable[[], Awaitable[None]]
 
@@ -64,6 +69,12 @@ class HttpMetrics:
             "HTTP requests being served now.",
             registry=registry,
         )
+        self.client_aborts = Counter(
+            "http_server_client_aborts",
+            "Requests whose client went away before its request body arrived whole (recorded "
+            "in the duration histogram with status 499, never as a server error).",
+            registry=registry,
+        )
 
 
 # The methods HTTP defines (RFC 9110, and PATCH): any other is one label, so a client cannot
@@ -103,6 +114,8 @@ class HttpMetricsMiddleware:
             route = scope.get("metrics_route") or getattr(scope.get("route"), "path", None)
             route = route or "unmatched"
             method = scope["method"] if scope["method"] in KNOWN_METHODS else "other"
+            if status == CLIENT_CLOSED_REQUEST:
+                self.metrics.client_aborts.inc()
             self.metrics.duration.labels(method, route, str(status)).observe(
                 time.perf_counter() - started
             )

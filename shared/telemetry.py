@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.telemetry import TelemetryConfig
@@ -73,14 +75,20 @@ def exporting() -> bool:
     )
 
 
-def instrument_app(app: FastAPI, provider: TracerProvider) -> None:
+ServerRequestHook = Callable[[trace.Span, dict[str, Any]], None]
+
+
+def instrument_app(
+    app: FastAPI, provider: TracerProvider, *, server_request_hook: ServerRequestHook | None = None
+) -> None:
     """A SERVER span for every request but probes and scrapes, without a span for every body
-    chunk received or sent."""
+    chunk received or sent; ``server_request_hook`` sees each span as it starts."""
     FastAPIInstrumentor.instrument_app(
         app,
         tracer_provider=provider,
         excluded_urls=UNTRACED_URLS,
         exclude_spans=["receive", "send"],
+        server_request_hook=server_request_hook,
     )
 
 

@@ -19,7 +19,7 @@ from shared.errors import install_error_handlers
 from shared.logs import log_context
 from shared.metrics import HttpMetrics, HttpMetricsMiddleware, Refresher, metrics_router
 from shared.settings import CommonSettings
-from shared.telemetry import configure_tracing, instrument_app
+from shared.telemetry import ServerRequestHook, configure_tracing, instrument_app
 
 logger = logging.getLogger(__name__)
 
@@ -80,12 +80,14 @@ REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 
 
 class RequestIdLogMiddleware:
-    """Every line logged while a request is served carries its X-Request-ID (set by the
-    gateway, or by any caller), so one request can be followed across services' logs.
+    """Every line logged while a request is served carries its X-Request-ID, so one request can
+    be followed across services' logs.
 
-    With ``assign`` (the gateway, the edge), a request without a sane X-Request-ID gets a new
-    one before anything else sees it: its own log lines, the upstream and the caller then all
-    name the same id."""
+    Inside the platform a service keeps the id its caller (the gateway) sent. With ``assign``
+    (the gateway, the edge), every request gets a new id before anything else sees it, whatever
+    the caller sent: its own log lines, the upstream and the caller then all name the gateway's
+    id; a caller's own X-Request-ID, when it is a sane token, is logged as ``client_request_id``.
+    """
 
     def __init__(self, app: ASGIApp, *, assign: bool = False) -> None:
         self.app = app
@@ -97,16 +99,22 @@ class RequestIdLogMiddleware:
             return
         headers: list[tuple[bytes, bytes]] = scope["headers"]
         given = next((value for key, value in headers if key == b"x-request-id"), None)
-        request_id = given if given is not None and REQUEST_ID.fullmatch(given) else None
-        if request_id is None and self.assign:
+        sane = given if given is not None and REQUEST_ID.fullmatch(given) else None
+        fields: dict[str, str] = {}
+        if self.assign:
             request_id = uuid.uuid4().hex.encode()
             kept = [(key, value) for key, value in headers if key != b"x-request-id"]
             # In place: outer middleware reads what inner layers note in this same scope.
             scope["headers"] = [*kept, (b"x-request-id", request_id)]
-        if request_id is None:
+            fields["request_id"] = request_id.decode("ascii")
+            if sane is not None:
+                fields["client_request_id"] = sane.decode("ascii")
+        elif sane is not None:
+            fields["request_id"] = sane.decode("ascii")
+        if not fields:
             await self.app(scope, receive, send)
             return
-        with log_context(request_id=request_id.decode("ascii")):
+        with log_context(**fields):
             await self.app(scope, receive, send)
 
 
@@ -155,6 +163,7 @@ def install_common(
     refreshers: Sequence[Refresher] = (),
     max_body_bytes: int | Literal["settings"] | None = "settings",
     assign_request_ids: bool = False,
+    server_request_hook: ServerRequestHook | None = None,
 ) -> None:
     """Error handlers, the body-size guard (off with ``max_body_bytes=None``), RED metrics on
     /metrics, the request id in the logs (given one when it has none, with
@@ -165,5 +174,7 @@ def install_common(
         app.add_middleware(MaxBodySizeMiddleware, max_bytes=limit)
     app.add_middleware(RequestIdLogMiddleware, assign=assign_request_ids)
     app.add_middleware(HttpMetricsMiddleware, metrics=HttpMetrics(registry))
-    instrument_app(app, configure_tracing(settings.service_name))
+    instrument_app(
+        app, configure_tracing(settings.service_name), server_request_hook=server_request_hook
+    )
     app.include_router(metrics_router(registry, refreshers))

@@ -11,8 +11,8 @@ import logging
 import sys
 import threading
 import uuid
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from datetime import datetime
 from typing import Any
 from urllib.parse import unquote
@@ -20,6 +20,9 @@ from urllib.parse import unquote
 import httpx
 import pytest
 from fastapi import FastAPI
+from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.trace import SpanKind
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -94,6 +97,39 @@ class Echo:
         self.stalled.set()
         await self.release.wait()
         return Response(b"late")
+
+
+class _ServerSpans(SpanProcessor):
+    """Server spans of one path, recorded while a test asks (the gateway traces through the
+    process's tracer provider, which cannot lose a processor once given one)."""
+
+    def __init__(self) -> None:
+        self.path: str | None = None
+        self.spans: list[ReadableSpan] = []
+
+    def on_end(self, span: ReadableSpan) -> None:
+        attributes = span.attributes or {}
+        target = attributes.get("url.path") or attributes.get("http.target")
+        if self.path is not None and span.kind is SpanKind.SERVER and target == self.path:
+            self.spans.append(span)
+
+
+_server_spans = _ServerSpans()
+_processors_added: list[_ServerSpans] = []
+
+
+@contextmanager
+def server_spans(path: str) -> Iterator[list[ReadableSpan]]:
+    if not _processors_added:
+        provider = trace.get_tracer_provider()
+        assert isinstance(provider, TracerProvider)  # the one shared.telemetry configures
+        provider.add_span_processor(_server_spans)
+        _processors_added.append(_server_spans)
+    _server_spans.path, _server_spans.spans = path, []
+    try:
+        yield _server_spans.spans
+    finally:
+        _server_spans.path = None
 
 
 def headers_of(seen: dict[str, Any]) -> dict[str, list[str]]:
@@ -252,7 +288,7 @@ class TestForwarding:
         assert len(response.headers.get_list("date")) == 1  # the gateway's, not two
         assert len(response.headers.get_list("server")) <= 1
 
-    async def test_request_id_is_generated_passed_on_and_returned(
+    async def test_request_id_is_always_the_gateways_own(
         self, echo: tuple[Echo, str], capsys: pytest.CaptureFixture[str]
     ) -> None:
         upstream, url = echo
@@ -262,38 +298,60 @@ class TestForwarding:
             hostile = await client.get("/c", headers={"X-Request-ID": "bad id\twith space"})
             missing = await client.get("/nowhere/%2e%2e/x")  # answered by the gateway itself
 
-        # The gateway's own log lines name the id the upstream and the caller got.
-        logged = {
-            line["path"]: line.get("request_id")
+        # The gateway's own log lines name the id the upstream and the caller got; a caller's
+        # sane id is logged beside it, as client_request_id, and never passed on.
+        access = {
+            line["path"]: line
             for line in map(json.loads, capsys.readouterr().out.splitlines())
             if line.get("logger") == "uvicorn.access"
         }
-        assert logged["/a"] == generated.headers["x-request-id"]
-        assert logged["/b"] == "req-123"
-        assert logged["/c"] == hostile.headers["x-request-id"]
-        assert logged["/nowhere/../x"] == missing.headers["x-request-id"]
-        first, second, third = (headers_of(seen) for seen in upstream.requests)
-        assert generated.headers["x-request-id"] == first["x-request-id"][0]
-        assert len(first["x-request-id"][0]) == 32
-        assert given.headers["x-request-id"] == "req-123"
-        assert second["x-request-id"] == ["req-123"]
-        assert third["x-request-id"][0] != "bad id\twith space"
-        assert hostile.headers["x-request-id"] == third["x-request-id"][0]
+        for response, path in ((generated, "/a"), (given, "/b"), (hostile, "/c")):
+            assert access[path]["request_id"] == response.headers["x-request-id"]
+            assert len(response.headers["x-request-id"]) == 32
+        assert access["/nowhere/../x"]["request_id"] == missing.headers["x-request-id"]
+        assert access["/b"]["client_request_id"] == "req-123"
+        assert "client_request_id" not in access["/a"]
+        assert "client_request_id" not in access["/c"]  # not a sane token: not logged at all
+        sent = [headers_of(seen)["x-request-id"] for seen in upstream.requests]
+        assert sent == [[r.headers["x-request-id"]] for r in (generated, given, hostile)]
+        assert given.headers["x-request-id"] != "req-123"
 
-    async def test_w3c_trace_context_continues_through_the_gateway(
+    async def test_a_callers_trace_context_is_a_link_of_a_new_trace(
         self, echo: tuple[Echo, str]
     ) -> None:
         upstream, url = echo
         incoming_trace = uuid.uuid4().hex
         incoming = f"00-{incoming_trace}-{'a' * 16}-01"
-        async with gateway([RouteConfig(name="echo", prefix="/", upstream=url)]) as (client, _):
+        path = f"/traced-{uuid.uuid4().hex}"
+        with server_spans(path) as recorded:
+            async with gateway([RouteConfig(name="echo", prefix="/", upstream=url)]) as (client, _):
+                await client.get(path, headers={"traceparent": incoming, "baggage": "user=x"})
+
+        [traceparent] = headers_of(upstream.requests[0])["traceparent"]
+        _version, trace_id, _parent_id, _flags = traceparent.split("-")
+        assert trace_id != incoming_trace  # a trace of the gateway's own ...
+        assert "baggage" not in headers_of(upstream.requests[0])
+        [span] = recorded
+        assert format(span.context.trace_id, "032x") == trace_id
+        assert span.parent is None
+        [link] = span.links  # ... that links to the caller's
+        assert format(link.context.trace_id, "032x") == incoming_trace
+        assert format(link.context.span_id, "016x") == "a" * 16
+
+    async def test_a_trusted_callers_trace_continues_through_the_gateway(
+        self, echo: tuple[Echo, str]
+    ) -> None:
+        upstream, url = echo
+        incoming_trace = uuid.uuid4().hex
+        incoming = f"00-{incoming_trace}-{'a' * 16}-01"
+        routes = [RouteConfig(name="echo", prefix="/", upstream=url)]
+        async with gateway(routes, gateway_trusted_callers=["127.0.0.0/8"]) as (client, _):
             await client.get("/traced", headers={"traceparent": incoming})
 
         [traceparent] = headers_of(upstream.requests[0])["traceparent"]
-        version, trace_id, parent_id, _flags = traceparent.split("-")
-        assert version == "00"
+        _version, trace_id, parent_id, _flags = traceparent.split("-")
         assert trace_id == incoming_trace  # the caller's trace continues ...
-        assert parent_id != "a" * 16  # ... under the gateway's own span
+        assert parent_id != "a" * 16  # ... under the gateway's own spans
 
     async def test_responses_are_streamed_not_buffered(self, echo: tuple[Echo, str]) -> None:
         upstream, url = echo
