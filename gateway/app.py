@@ -1,5 +1,7 @@
-"""The gateway: the platform's single entry point. Its own routes are mounted first; every other
-path goes through the route table (gateway/settings.py) to an upstream service."""
+"""The gateway: the platform's single entry point. Its own routes are mounted first (/health and
+whether the platform is up); every other path goes through the route table
+(gateway/settings.py) to an upstream service. Its metrics, docs, route table and detailed
+upstream status are on the internal port (gateway/internal.py)."""
 
 from __future__ import annotations
 
@@ -14,13 +16,14 @@ from prometheus_client import CollectorRegistry
 from starlette.types import ASGIApp
 
 from gateway.edge import TraceBoundary, link_caller
+from gateway.internal import create_internal_app, serving
 from gateway.proxy import Proxy
 from gateway.routes import RouteTable
 from gateway.settings import GatewaySettings
-from gateway.status import router as status_router
+from gateway.status import public_router as status_router
 from shared.logs import configure_logging
 from shared.telemetry import NO_NATIVE_TELEMETRY, configure_tracing
-from shared.web import ReadinessCheck, health_router, install_common
+from shared.web import health_router, install_common
 
 PROXIED_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
@@ -56,7 +59,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         app.state.http = client
         app.state.proxy = Proxy(client, routes, settings.gateway_max_body_bytes)
         try:
-            yield
+            async with serving(internal, settings):
+                yield
         finally:
             await client.aclose()
 
@@ -66,7 +70,13 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         version="0.1.0",
         lifespan=lifespan,
         telemetry=NO_NATIVE_TELEMETRY,
+        # The public port serves the routed APIs and /health; the docs are on the internal one.
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
     )
+    internal = create_internal_app(app, registry, timeout=settings.readiness_timeout_seconds)
+    app.state.internal_app = internal  # the internal port's app (its state is this one's)
     # The gateway's body limit answers 413 itself, so the services' 422 guard is not used here.
     install_common(
         app,
@@ -75,6 +85,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         max_body_bytes=None,
         assign_request_ids=True,
         server_request_hook=link_caller,
+        serve_metrics=False,  # on the internal port
     )
     # The trust boundary goes outside every other layer, the server span's included (the
     # instrumentation wraps the stack the same way), so that the span starts a new trace for
@@ -86,10 +97,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     app.build_middleware_stack = build_middleware_stack  # type: ignore[method-assign]
 
-    def readiness() -> dict[str, ReadinessCheck]:
-        return {}  # the gateway itself depends on nothing; see /api/gateway/status
-
-    app.include_router(health_router(readiness, timeout=settings.readiness_timeout_seconds))
+    app.include_router(health_router(None, timeout=settings.readiness_timeout_seconds))
     app.include_router(status_router)
 
     @app.api_route("/{path:path}", methods=PROXIED_METHODS, include_in_schema=False)

@@ -17,7 +17,7 @@ class RouteConfig(BaseModel):
     ready_path: str = "/ready"
     # Upstream paths the edge does not expose (operators reach them on the service itself).
     hidden_paths: list[str] = Field(
-        default_factory=lambda: ["/metrics", "/docs", "/redoc", "/openapi.json"]
+        default_factory=lambda: ["/metrics", "/docs", "/redoc", "/openapi.json", "/ready"]
     )
 
 
@@ -54,6 +54,10 @@ class GatewaySettings(CommonSettings):
     # Callers (IP addresses or networks, as JSON: ["10.0.0.0/8"]) whose W3C trace context the
     # gateway continues; every other caller's becomes a link of a new trace (gateway/edge.py).
     gateway_trusted_callers: list[IPvAnyNetwork] = Field(default_factory=list)
+    # The internal port: metrics, API docs, the route table and the detailed upstream status
+    # (gateway/internal.py). Unset, they are not served at all.
+    gateway_internal_host: str = "127.0.0.1"
+    gateway_internal_port: int | None = Field(default=9080, ge=0, le=65535)
     # GET /api/gateway/status waits this long for each upstream's /ready.
     gateway_status_timeout_seconds: float = Field(default=1.0, gt=0)
 

@@ -1,4 +1,6 @@
-"""The gateway's own endpoints: its route table, and each upstream's readiness."""
+"""The gateway's own endpoints. On the public port, only whether the platform is up; on the
+internal port (gateway/internal.py), the route table and each upstream's readiness in detail:
+upstream addresses are no business of the public."""
 
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ from fastapi.responses import JSONResponse
 
 from gateway.routes import Route, RouteTable
 
-router = APIRouter(prefix="/api/gateway", tags=["gateway"])
+router = APIRouter(prefix="/api/gateway", tags=["gateway"])  # internal
+public_router = APIRouter(prefix="/api/gateway", tags=["gateway"])
 
 
 @router.get("/services", summary="The route table")
@@ -33,9 +36,7 @@ async def services(request: Request) -> dict[str, Any]:
 )
 async def status(request: Request) -> JSONResponse:
     table: RouteTable = request.app.state.routes
-    client: httpx.AsyncClient = request.app.state.http
-    timeout: float = request.app.state.settings.gateway_status_timeout_seconds
-    results = await asyncio.gather(*(_probe(client, route, timeout) for route in table.routes))
+    results = await _probe_all(request)
     healthy = all(result["status"] == "up" for result in results)
     return JSONResponse(
         {
@@ -46,6 +47,25 @@ async def status(request: Request) -> JSONResponse:
         },
         status_code=200 if healthy else 503,
     )
+
+
+@public_router.get(
+    "/status",
+    summary="Whether every upstream is ready: up or degraded",
+    responses={503: {"description": "At least one upstream is not ready"}},
+)
+async def public_status(request: Request) -> JSONResponse:
+    healthy = all(result["status"] == "up" for result in await _probe_all(request))
+    return JSONResponse(
+        {"status": "up" if healthy else "degraded"}, status_code=200 if healthy else 503
+    )
+
+
+async def _probe_all(request: Request) -> list[dict[str, Any]]:
+    table: RouteTable = request.app.state.routes
+    client: httpx.AsyncClient = request.app.state.http
+    timeout: float = request.app.state.settings.gateway_status_timeout_seconds
+    return await asyncio.gather(*(_probe(client, route, timeout) for route in table.routes))
 
 
 async def _probe(client: httpx.AsyncClient, route: Route, limit: float) -> dict[str, Any]:

@@ -118,8 +118,11 @@ class RequestIdLogMiddleware:
             await self.app(scope, receive, send)
 
 
-def health_router(checks: Callable[[], Mapping[str, ReadinessCheck]], timeout: float) -> APIRouter:
-    """``/health``: the process answers. ``/ready``: every dependency answers within ``timeout``.
+def health_router(
+    checks: Callable[[], Mapping[str, ReadinessCheck]] | None, timeout: float
+) -> APIRouter:
+    """``/health``: the process answers. ``/ready``: every dependency answers within ``timeout``
+    (not served when ``checks`` is None).
 
     ``checks`` is called per request, so it can read what the lifespan put on ``app.state``.
     """
@@ -128,6 +131,9 @@ def health_router(checks: Callable[[], Mapping[str, ReadinessCheck]], timeout: f
     @router.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
+
+    if checks is None:
+        return router
 
     @router.get("/ready", responses={503: {"description": "A dependency is unreachable"}})
     async def ready() -> JSONResponse:
@@ -164,6 +170,7 @@ def install_common(
     max_body_bytes: int | Literal["settings"] | None = "settings",
     assign_request_ids: bool = False,
     server_request_hook: ServerRequestHook | None = None,
+    serve_metrics: bool = True,
 ) -> None:
     """Error handlers, the body-size guard (off with ``max_body_bytes=None``), RED metrics on
     /metrics, the request id in the logs (given one when it has none, with
@@ -177,4 +184,5 @@ def install_common(
     instrument_app(
         app, configure_tracing(settings.service_name), server_request_hook=server_request_hook
     )
-    app.include_router(metrics_router(registry, refreshers))
+    if serve_metrics:
+        app.include_router(metrics_router(registry, refreshers))

@@ -58,7 +58,7 @@ class CampaignPage(BaseModel):
 class JobLogRead(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
-    id: int
+    id: uuid.UUID = Field(validation_alias="public_id")
     campaign_id: uuid.UUID
     event_id: uuid.UUID
     status: str = Field(examples=["success", "retry", "failed"])

@@ -72,7 +72,12 @@ class CampaignJobLog(TenantOwned, Base):
         Index("ix_campaign_job_logs_tenant_id", "tenant_id"),
     )
 
+    # The table's own order; the API names a row by ``public_id``, which says nothing of how
+    # many rows other tenants have.
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    public_id: Mapped[uuid.UUID] = mapped_column(
+        server_default=text("gen_random_uuid()"), unique=True
+    )
     campaign_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("campaigns.id", ondelete="CASCADE"))
     event_id: Mapped[uuid.UUID]
     status: Mapped[str] = mapped_column(String(16))

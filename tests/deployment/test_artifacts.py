@@ -34,6 +34,8 @@ APPS: dict[str, type[CommonSettings]] = {
     "migrate": DatabaseSettings,
 }
 PORTS = {"user_service": 8000, "campaign_service": 8001, "gateway": 8080, "worker": 9000}
+# Where Prometheus scrapes each part: the gateway's metrics are on its internal port.
+METRICS_PORTS = {**PORTS, "gateway": 9080}
 START_COMMANDS = {  # DESIGN.md: what the containers run
     "user_service": ["uvicorn", "user_service.main:app"],
     "campaign_service": ["uvicorn", "campaign_service.main:app"],
@@ -144,6 +146,13 @@ class TestCompose:
         assert environment["WORKER_METRICS_PORT"] == str(PORTS["worker"])
         assert environment["WORKER_METRICS_HOST"] == "0.0.0.0"  # noqa: S104
         assert SERVICES["worker"]["build"]["args"]["PORT"] == str(PORTS["worker"])
+
+    def test_gateway_serves_its_internals_on_an_unpublished_port(self) -> None:
+        gateway = SERVICES["gateway"]
+
+        assert gateway["environment"]["GATEWAY_INTERNAL_PORT"] == str(METRICS_PORTS["gateway"])
+        assert gateway["environment"]["GATEWAY_INTERNAL_HOST"] == "0.0.0.0"  # noqa: S104
+        assert all(str(METRICS_PORTS["gateway"]) not in str(port) for port in gateway["ports"])
 
     def test_gateway_routes_reach_the_services(self) -> None:
         routes = json.loads(SERVICES["gateway"]["environment"]["GATEWAY_ROUTES"])
@@ -322,11 +331,11 @@ class TestPrometheus:
 
         assert checked.returncode == 0, checked.stdout + checked.stderr
         jobs = {job["job_name"]: job for job in config["scrape_configs"]}
-        assert set(jobs) == set(PORTS)
+        assert set(jobs) == set(METRICS_PORTS)
         for job_name, job in jobs.items():
             ports = [sd["port"] for sd in job.get("dns_sd_configs", [])] + [
                 int(target.rsplit(":", 1)[1])
                 for static in job.get("static_configs", [])
                 for target in static["targets"]
             ]
-            assert ports == [PORTS[job_name]]
+            assert ports == [METRICS_PORTS[job_name]]

@@ -34,6 +34,7 @@ from gateway.settings import GatewaySettings, RouteConfig
 from shared.settings import Environment
 from tests.pipeline.conftest import make_campaign_settings
 from tests.support.metrics import parse
+from tests.support.processes import free_port
 from tests.support.servers import broken_upstream, dead_upstream, serve
 from tests.support.users import PASSWORD, make_user_settings
 from user_service.app import create_app as create_user_app
@@ -143,6 +144,8 @@ def headers_of(seen: dict[str, Any]) -> dict[str, list[str]]:
 async def gateway(
     routes: list[RouteConfig], **overrides: Any
 ) -> AsyncIterator[tuple[httpx.AsyncClient, FastAPI]]:
+    # No internal port unless the test asks for one (each would take 9080).
+    overrides.setdefault("gateway_internal_port", None)
     settings = GatewaySettings(
         _env_file=None, environment=Environment.TEST, gateway_routes=routes, **overrides
     )
@@ -229,10 +232,7 @@ class TestRealUpstreams:
         assert anonymous.headers["www-authenticate"] == "Bearer"
         assert jwks.json()["keys"]
         assert status.status_code == 200
-        assert {name: s["status"] for name, s in status.json()["services"].items()} == {
-            "user_service": "up",
-            "campaign_service": "up",
-        }
+        assert status.json() == {"status": "up"}
 
 
 class TestForwarding:
@@ -632,28 +632,55 @@ class TestErrors:
 
 
 class TestGatewayEndpoints:
-    async def test_health_services_status_metrics(self, echo: tuple[Echo, str]) -> None:
+    async def test_public_port_health_and_status_internal_port_the_rest(
+        self, echo: tuple[Echo, str]
+    ) -> None:
         _, url = echo
         routes = [
             RouteConfig(name="echo", prefix="/api/echo", upstream=url, ready_path="/ready"),
             RouteConfig(name="dead", prefix="/api/dead", upstream=dead_upstream()),
         ]
-        async with gateway(routes, gateway_status_timeout_seconds=0.5) as (client, _):
+        port = free_port()
+        internal = f"http://127.0.0.1:{port}"
+        async with (
+            gateway(routes, gateway_status_timeout_seconds=0.5, gateway_internal_port=port) as (
+                client,
+                _,
+            ),
+            httpx.AsyncClient(base_url=internal, timeout=10) as operator,
+        ):
             health = await client.get("/health")
-            services = await client.get("/api/gateway/services")
             status = await client.get("/api/gateway/status")
             await client.get("/api/echo/x")
-            metrics = parse((await client.get("/metrics")).text)
+            hidden = {
+                path: (await client.get(path)).status_code
+                for path in (
+                    "/metrics",
+                    "/docs",
+                    "/openapi.json",
+                    "/ready",
+                    "/api/gateway/services",
+                    "/api/echo/ready",
+                )
+            }
+            services = await operator.get("/api/gateway/services")
+            detailed = await operator.get("/api/gateway/status")
+            metrics = parse((await operator.get("/metrics")).text)
+            docs = await operator.get("/openapi.json")
 
         assert health.json() == {"status": "ok"}
+        # The public learns whether the platform is up, nothing of its insides.
+        assert status.status_code == 503
+        assert status.json() == {"status": "degraded"}
+        assert hidden == dict.fromkeys(hidden, 404)
         assert services.json() == {
             "services": [
                 {"name": "echo", "prefix": "/api/echo", "upstream": url},
                 {"name": "dead", "prefix": "/api/dead", "upstream": routes[1].upstream},
             ]
         }
-        assert status.status_code == 503
-        body = status.json()
+        assert detailed.status_code == 503
+        body = detailed.json()
         assert body["status"] == "degraded"
         assert body["services"]["echo"]["status"] == "up"
         assert body["services"]["dead"]["status"] == "down"
@@ -662,6 +689,7 @@ class TestGatewayEndpoints:
             frozenset({"method": "GET", "route": "/api/echo", "status_code": "200"}.items()),
         )
         assert metrics[key] == 1
+        assert docs.status_code == 200
 
     def test_routes_come_from_configuration(self, monkeypatch: pytest.MonkeyPatch) -> None:
         routes = [
@@ -675,7 +703,7 @@ class TestGatewayEndpoints:
             {
                 **routes[0],
                 "ready_path": "/ready",
-                "hidden_paths": ["/metrics", "/docs", "/redoc", "/openapi.json"],
+                "hidden_paths": ["/metrics", "/docs", "/redoc", "/openapi.json", "/ready"],
             }
         ]
 

@@ -38,6 +38,7 @@ def gateway_app() -> FastAPI:
     settings = GatewaySettings(
         _env_file=None,
         environment=Environment.TEST,
+        gateway_internal_port=None,
         gateway_routes=[
             RouteConfig(name="nowhere", prefix="/api/x", upstream="http://127.0.0.1:9")
         ],
@@ -57,11 +58,13 @@ async def test_a_body_cut_short_is_no_server_error(
         "campaign_service": (campaign_app, "/campaigns"),
         "user_service": (user_app, "/login"),
     }[which]
+    # The gateway counts on its internal port (its own app), a service on its own /metrics.
+    metered = app.state.internal_app if which == "gateway" else app
     with caplog.at_level(logging.DEBUG):
         async with serve(app, lifespan="on" if which == "gateway" else "off") as url:
             await asyncio.gather(*(abort_mid_body(url, path) for _ in range(ABORTS)))
             counted = await eventually(
-                lambda: value(app, "http_server_client_aborts_total"),
+                lambda: value(metered, "http_server_client_aborts_total"),
                 until=lambda n: n >= ABORTS,
                 what="client aborts",
             )

@@ -98,6 +98,8 @@ class TestSuccess:
         assert event.tenant_id == tenant
         assert (event.name, event.description) == ("Spring sale", "10% off")
         assert payload["event_type"] == "campaign.created"
+        # Named by a random id, not the table's sequence: it says nothing of other tenants.
+        assert uuid.UUID(jobs[0]["id"]).version == 4
         assert payload["schema_version"] == 1
         assert jobs[0]["event_id"] == payload["event_id"]
         assert jobs[0]["last_error"] is None

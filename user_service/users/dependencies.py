@@ -30,7 +30,7 @@ async def get_settings(request: Request) -> UserServiceSettings:
     return settings
 
 
-def client_address(request: Request) -> str:
+async def client_address(request: Request) -> str:
     """The caller's address: the peer's, or the one a trusted proxy (the gateway) forwarded
     (uvicorn's ``--forwarded-allow-ips``, FORWARDED_ALLOW_IPS)."""
     return request.client.host if request.client else "unknown"

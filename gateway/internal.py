@@ -1,0 +1,69 @@
+"""The gateway's internal port (``GATEWAY_INTERNAL_PORT``, 9080): its metrics, its API docs,
+the route table with the upstream addresses and each upstream's readiness in detail. Prometheus
+scrapes it; compose does not publish it. It is served by a second uvicorn server in the gateway's
+process, started and stopped with the public one (a signal stops the internal server first,
+which hands the signal on to the public one)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import uvicorn
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+
+from gateway.settings import GatewaySettings
+from gateway.status import router as status_router
+from shared.errors import install_error_handlers
+from shared.metrics import metrics_router
+from shared.telemetry import NO_NATIVE_TELEMETRY
+from shared.web import health_router
+
+
+def create_internal_app(public: FastAPI, registry: CollectorRegistry, timeout: float) -> FastAPI:
+    """The internal endpoints, reading what the public app's lifespan put on its state."""
+    app = FastAPI(
+        title="gateway (internal)",
+        summary="The gateway's metrics, route table and upstream status, for operators.",
+        version="0.1.0",
+        telemetry=NO_NATIVE_TELEMETRY,
+    )
+    app.state = public.state  # the route table, the pooled client, the settings
+    install_error_handlers(app)
+    app.include_router(health_router(dict, timeout=timeout))
+    app.include_router(status_router)
+    app.include_router(metrics_router(registry))
+    return app
+
+
+@contextlib.asynccontextmanager
+async def serving(app: FastAPI, settings: GatewaySettings) -> AsyncIterator[None]:
+    """Serve ``app`` on the internal port for as long as the block runs (not at all when
+    ``GATEWAY_INTERNAL_PORT`` is unset)."""
+    if settings.gateway_internal_port is None:
+        yield
+        return
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=settings.gateway_internal_host,
+            port=settings.gateway_internal_port,
+            lifespan="off",
+            log_config=None,
+            access_log=False,
+            server_header=False,
+        )
+    )
+    task = asyncio.create_task(server.serve(), name="gateway-internal-port")
+    while not server.started:
+        if task.done():
+            task.result()  # its error (the port in use): the gateway does not start
+            raise RuntimeError("the internal port stopped as it started")
+        await asyncio.sleep(0.01)
+    try:
+        yield
+    finally:
+        server.should_exit = True
+        await task
