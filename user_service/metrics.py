@@ -23,7 +23,8 @@ class UserMetrics:
         )
         self.logins_throttled = Counter(
             "user_logins_throttled",
-            "Logins refused by the throttle, by scope (account, address, in_flight).",
+            "Logins and registrations refused by the throttle, by scope (account, address, "
+            "in_flight, registration).",
             ["scope"],
             registry=registry,
         )
@@ -33,7 +34,7 @@ class UserMetrics:
             ["outcome"],
             registry=registry,
         )
-        for scope in ("account", "address", "in_flight"):
+        for scope in ("account", "address", "in_flight", "registration"):
             self.logins_throttled.labels(scope)
         for outcome in ("rotated", "invalid", "reused"):
             self.refreshes.labels(outcome)

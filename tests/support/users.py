@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import ipaddress
 import json
 import secrets
@@ -132,6 +133,16 @@ def client_of(app: FastAPI, address: str = "127.0.0.1") -> httpx.AsyncClient:
     return httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app, client=(address, 40000)), base_url=USER_SERVICE_URL
     )
+
+
+@asynccontextmanager
+async def clients_from_new_addresses(
+    app: FastAPI, count: int
+) -> AsyncIterator[list[httpx.AsyncClient]]:
+    """``count`` clients of the app, each calling from an address of its own: for races, which
+    one address could not run (at most a few of its password hashes run at once)."""
+    async with contextlib.AsyncExitStack() as stack:
+        yield [await stack.enter_async_context(client_of(app, new_address())) for _ in range(count)]
 
 
 def new_address() -> str:

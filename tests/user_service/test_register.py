@@ -13,7 +13,7 @@ import pytest
 from fastapi import FastAPI
 
 from tests.support.bodies import NOT_JSON
-from tests.support.users import invite, owner_headers
+from tests.support.users import clients_from_new_addresses, invite, owner_headers
 from user_service.users.schemas import PASSWORD_MAX_LENGTH, PASSWORD_MIN_LENGTH
 
 PASSWORD = "correct horse battery staple"
@@ -123,13 +123,17 @@ class TestRegister:
         assert first.json()["id"] != second.json()["id"]
 
     async def test_racing_registrations_create_one_user(
-        self, user_client: httpx.AsyncClient, tenant: str, db: asyncpg.Connection
+        self, user_app: FastAPI, tenant: str, db: asyncpg.Connection
     ) -> None:
         emails = ["race@example.com", "RACE@example.com", "Race@Example.com"] * 4
 
-        responses = await asyncio.gather(
-            *(user_client.post("/register", json=body(tenant, email)) for email in emails)
-        )
+        async with clients_from_new_addresses(user_app, len(emails)) as clients:
+            responses = await asyncio.gather(
+                *(
+                    client.post("/register", json=body(tenant, email))
+                    for client, email in zip(clients, emails, strict=True)
+                )
+            )
 
         # The first creates the tenant; the others find it existing, and have no invitation.
         statuses = sorted(response.status_code for response in responses)
@@ -138,17 +142,22 @@ class TestRegister:
         assert count == 1
 
     async def test_racing_registrations_with_invitations_create_one_user(
-        self, user_client: httpx.AsyncClient, tenant: str, db: asyncpg.Connection
+        self,
+        user_client: httpx.AsyncClient,
+        user_app: FastAPI,
+        tenant: str,
+        db: asyncpg.Connection,
     ) -> None:
         owner = await owner_headers(user_client, tenant)
         invitations = [await invite(user_client, owner, "race@example.com") for _ in range(6)]
 
-        responses = await asyncio.gather(
-            *(
-                register_with(user_client, tenant, "Race@Example.com", invitation["token"])
-                for invitation in invitations
+        async with clients_from_new_addresses(user_app, len(invitations)) as clients:
+            responses = await asyncio.gather(
+                *(
+                    register_with(client, tenant, "Race@Example.com", invitation["token"])
+                    for client, invitation in zip(clients, invitations, strict=True)
+                )
             )
-        )
 
         statuses = sorted(response.status_code for response in responses)
         assert statuses == [201] + [409] * (len(invitations) - 1)

@@ -12,8 +12,10 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+from fastapi import FastAPI
 
 from tests.support.users import (
+    clients_from_new_addresses,
     headers_for,
     invite,
     invite_and_register,
@@ -98,17 +100,18 @@ class TestNewTenant:
         assert joined.status_code == 201, joined.text
 
     async def test_two_racing_registrations_make_one_owner(
-        self, user_client: httpx.AsyncClient
+        self, user_client: httpx.AsyncClient, user_app: FastAPI
     ) -> None:
         tenants = [f"r-{uuid.uuid4().hex[:12]}" for _ in range(3)]
+        attempts = [(tenant, email) for tenant in tenants for email in ("ada@example.com", BOB)]
 
-        responses = await asyncio.gather(
-            *(
-                register(user_client, tenant, email)
-                for tenant in tenants
-                for email in ("ada@example.com", BOB)
+        async with clients_from_new_addresses(user_app, len(attempts)) as clients:
+            responses = await asyncio.gather(
+                *(
+                    register(client, tenant, email)
+                    for client, (tenant, email) in zip(clients, attempts, strict=True)
+                )
             )
-        )
 
         for index, tenant in enumerate(tenants):
             pair = responses[2 * index : 2 * index + 2]

@@ -6,9 +6,9 @@ import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
-from sqlalchemy import Select, func, update
+from sqlalchemy import Select, exists, func, update
 
-from shared.models import Invitation, Role
+from shared.models import Invitation, Role, User
 from shared.repository import TenantRepository
 
 
@@ -16,10 +16,18 @@ class InvitationRepository(TenantRepository[Invitation]):
     model = Invitation
 
     def _pending(self) -> Select[tuple[Invitation]]:
+        """Invitations still good: not used, revoked or expired, and issued by someone who is
+        still an owner or admin of the tenant (a removed or demoted admin's lapse with them)."""
+        issuer_manages = exists().where(
+            User.id == Invitation.invited_by,
+            User.tenant_id == Invitation.tenant_id,
+            User.role.in_((Role.OWNER.value, Role.ADMIN.value)),
+        )
         return self._select().where(
             Invitation.used_at.is_(None),
             Invitation.revoked_at.is_(None),
             Invitation.expires_at > func.now(),
+            issuer_manages,
         )
 
     async def create(

@@ -78,7 +78,7 @@ async def change_role(
     *, session: AsyncSession, manager: User, member_id: uuid.UUID, role: Role
 ) -> User:
     users = UserRepository(session, tenant_id=manager.tenant_id)
-    await users.lock_tenant()
+    manager = await _locked(users, manager)
     target = await _manageable(users, manager, member_id)
     if role is Role.OWNER and manager.role != Role.OWNER:
         raise NotAllowed()
@@ -97,7 +97,7 @@ async def remove(*, session: AsyncSession, manager: User, member_id: uuid.UUID) 
     """Remove the member: their refresh tokens go with the account; their access token lapses
     within its lifetime."""
     users = UserRepository(session, tenant_id=manager.tenant_id)
-    await users.lock_tenant()
+    manager = await _locked(users, manager)
     target = await _manageable(users, manager, member_id)
     if target.role == Role.OWNER:
         await _not_the_last_owner(users, target)
@@ -106,6 +106,16 @@ async def remove(*, session: AsyncSession, manager: User, member_id: uuid.UUID) 
         "member removed",
         extra={"tenant_id": manager.tenant_id, "user_id": str(member_id)},
     )
+
+
+async def _locked(users: UserRepository, manager: User) -> User:
+    """Lock the tenant's members, then the manager as they are now: a change made to their own
+    role while this request waited for the lock counts."""
+    await users.lock_tenant()
+    current = await users.get(manager.id, refresh=True)
+    if current is None or current.role not in (Role.OWNER, Role.ADMIN):
+        raise NotAllowed()
+    return current
 
 
 async def _manageable(users: UserRepository, manager: User, member_id: uuid.UUID) -> User:

@@ -9,10 +9,13 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from sqlalchemy import select, update
+from sqlalchemy import exists, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.models import RefreshToken, User
+
+# One lock per family, for the transaction (a 64-bit hash of the family id).
+_LOCK_FAMILY = text("SELECT pg_advisory_xact_lock(hashtextextended(:family, 0))")
 
 
 class RefreshTokenRepository:
@@ -40,16 +43,33 @@ class RefreshTokenRepository:
         await self._session.flush()
 
     async def find_for_update(self, token_hash: bytes) -> tuple[RefreshToken, User] | None:
-        """The token and its user, locked until the transaction ends (two refreshes with one
-        token take turns: the second finds it rotated)."""
+        """The token and its user, with its whole family locked until the transaction ends.
+        Every refresh, logout and revocation of one family takes its turn: two refreshes with
+        one token, and a revocation racing a refresh, see each other's tokens (a row lock on
+        the token alone would let a revocation miss the token a concurrent refresh is making).
+        The key share lock on the user makes a removal of the account wait, or be seen."""
+        family_id = await self._session.scalar(
+            select(RefreshToken.family_id).where(RefreshToken.token_hash == token_hash)
+        )
+        if family_id is None:
+            return None
+        await self._session.execute(_LOCK_FAMILY, {"family": str(family_id)})
         statement = (
             select(RefreshToken, User)
             .join(User, User.id == RefreshToken.user_id)
             .where(RefreshToken.token_hash == token_hash)
-            .with_for_update(of=RefreshToken)
+            .with_for_update(key_share=True)
         )
         row = (await self._session.execute(statement)).one_or_none()
         return None if row is None else (row[0], row[1])
+
+    async def family_revoked(self, family_id: uuid.UUID) -> bool:
+        statement = select(
+            exists().where(
+                RefreshToken.family_id == family_id, RefreshToken.revoked_at.is_not(None)
+            )
+        )
+        return bool(await self._session.scalar(statement))
 
     async def mark_rotated(self, token: RefreshToken, at: datetime) -> None:
         token.rotated_at = at

@@ -67,6 +67,8 @@ async def refresh(
     token, user = found
     if token.revoked_at is not None or token.expires_at <= now:
         raise InvalidRefreshToken()
+    if await repository.family_revoked(token.family_id):  # a second line: none of it is good
+        raise InvalidRefreshToken()
     if token.rotated_at is not None:
         await repository.revoke_family(token.family_id, now)
         logger.warning(

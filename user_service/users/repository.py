@@ -54,12 +54,19 @@ class UserRepository(TenantRepository[User]):
         )
         return (await self._session.scalars(statement)).one_or_none()
 
-    async def get(self, user_id: uuid.UUID) -> User | None:
+    async def get(self, user_id: uuid.UUID, *, refresh: bool = False) -> User | None:
+        """The user; with ``refresh``, read again from the database (not the session's copy)."""
         statement = self._select().where(User.id == user_id)
+        if refresh:
+            statement = statement.execution_options(populate_existing=True)
         return (await self._session.scalars(statement)).one_or_none()
 
-    async def get_by_email(self, email: str) -> User | None:
+    async def get_by_email(self, email: str, *, key_share: bool = False) -> User | None:
+        """The user; with ``key_share``, its row held until the transaction ends, so that a
+        removal of the account waits (rows that point to it can still be written)."""
         statement = self._select().where(User.email == email)
+        if key_share:
+            statement = statement.with_for_update(key_share=True)
         return (await self._session.scalars(statement)).one_or_none()
 
     async def all(self) -> Sequence[User]:

@@ -27,15 +27,23 @@ router = APIRouter(tags=["users"])
     status_code=status.HTTP_201_CREATED,
     responses={
         403: {"description": "The tenant exists, and no valid invitation for this email was given"},
+        429: {"description": "Too many registrations from this address"},
         409: {"description": "The email is already registered in this tenant"},
     },
 )
 async def register(
-    data: RegisterRequest, session: SessionDep, passwords: PasswordsDep, metrics: UserMetricsDep
+    data: RegisterRequest,
+    session: SessionDep,
+    passwords: PasswordsDep,
+    throttle: LoginThrottleDep,
+    address: ClientAddress,
+    metrics: UserMetricsDep,
 ) -> UserRead:
     """Create a tenant (the caller becomes its owner), or join one with an invitation."""
     try:
-        user = await service.register(session=session, passwords=passwords, data=data)
+        user = await service.register(
+            session=session, passwords=passwords, throttle=throttle, data=data, address=address
+        )
     except EmailAlreadyRegistered:
         metrics.registrations.labels("conflict").inc()
         raise

@@ -24,11 +24,19 @@ logger = logging.getLogger(__name__)
 
 
 async def register(
-    *, session: AsyncSession, passwords: PasswordHasher, data: RegisterRequest
+    *,
+    session: AsyncSession,
+    passwords: PasswordHasher,
+    throttle: LoginThrottle,
+    data: RegisterRequest,
+    address: str,
 ) -> User:
     """Create the tenant with the caller as its owner, or join it with an invitation."""
     users = UserRepository(session, tenant_id=data.tenant_id)
-    hashed = await passwords.hash(data.password)
+    # A registration costs a password hash, as a login does: bounded per address the same way.
+    with throttle.hashing(tenant_id=data.tenant_id, address=address):
+        await throttle.admit_registration(tenant_id=data.tenant_id, address=address)
+        hashed = await passwords.hash(data.password)
     if data.invitation is None:
         if not await users.create_tenant():
             raise InvitationRequired()
@@ -81,7 +89,7 @@ async def login(
     if not valid:
         raise InvalidCredentials()  # counted already, when admitted
     await throttle.succeeded(**who, address=address)
-    user = await users.get_by_email(data.email)
+    user = await users.get_by_email(data.email, key_share=True)
     if user is None:  # removed while its password was checked
         raise InvalidCredentials()
     if new_hash is not None:

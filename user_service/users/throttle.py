@@ -38,6 +38,10 @@ class LoginThrottled(TooManyRequests):
     detail = "Too many failed logins; try again later"
 
 
+class RegistrationThrottled(TooManyRequests):
+    detail = "Too many registrations from this address; try again later"
+
+
 @dataclass(frozen=True, slots=True)
 class ThrottlePolicy:
     max_failures: int
@@ -89,6 +93,19 @@ class _Count:
     blocked: datetime | None
 
 
+def _row(count: _Count) -> dict[str, object]:
+    return {
+        "key": count.key,
+        "failures": count.failures,
+        "started": count.started,
+        "blocked": count.blocked,
+    }
+
+
+def registration_key(address: str) -> str:
+    return f"registration:{address}"
+
+
 def account_key(tenant_id: str, email: str) -> str:
     return f"account:{tenant_id}:{email}"
 
@@ -130,18 +147,23 @@ class LoginThrottle:
             shared.failures += 1
             if shared.failures >= policy.address_max_failures:
                 shared.blocked = shared.started + policy.window
-            await connection.execute(
-                _SET,
-                [
-                    {
-                        "key": count.key,
-                        "failures": count.failures,
-                        "started": count.started,
-                        "blocked": count.blocked,
-                    }
-                    for count in counts.values()
-                ],
-            )
+            await connection.execute(_SET, [_row(count) for count in counts.values()])
+
+    async def admit_registration(self, *, tenant_id: str, address: str) -> None:
+        """Count a registration from ``address`` (each costs a password hash), or raise
+        :class:`LoginThrottled` once the address has made ``address_max_failures`` of them in
+        the window."""
+        key = registration_key(address)
+        async with self._engine.begin() as connection:
+            counts, now = await self._locked(connection, [key])
+            count = counts[key]
+            if count.blocked is not None and count.blocked > now:
+                seconds = math.ceil((count.blocked - now).total_seconds())
+                self._refuse("registration", tenant_id, address, seconds, RegistrationThrottled)
+            count.failures += 1
+            if count.failures >= self._policy.address_max_failures:
+                count.blocked = count.started + self._policy.window
+            await connection.execute(_SET, [_row(count)])
 
     async def _locked(
         self, connection: AsyncConnection, keys: list[str]
@@ -154,7 +176,11 @@ class LoginThrottle:
         counts = {}
         for row in rows:
             if row.window_started_at <= now - self._policy.window:
-                counts[row.key] = _Count(row.key, 0, now, None)
+                # A new window: a block still running stays, and the count halves rather than
+                # starting again, so a patient guesser does not get a fresh allowance each time.
+                blocked = row.blocked_until
+                still = blocked if blocked is not None and blocked > now else None
+                counts[row.key] = _Count(row.key, row.failures // 2, now, still)
             else:
                 counts[row.key] = _Count(
                     row.key, row.failures, row.window_started_at, row.blocked_until
@@ -165,7 +191,7 @@ class LoginThrottle:
     def hashing(self, *, tenant_id: str, address: str) -> Iterator[None]:
         """Hold one of the address's places for a password hash, or raise at once."""
         if self._in_flight[address] >= self._policy.max_in_flight_per_address:
-            self._refuse("in_flight", tenant_id, address, 1)
+            self._refuse("in_flight", tenant_id, address, 1, TooManyRequests)
         self._in_flight[address] += 1
         try:
             yield
@@ -180,10 +206,17 @@ class LoginThrottle:
             await connection.execute(_CLEAR, {"key": account_key(tenant_id, email)})
             await connection.execute(_GIVE_BACK, {"key": address_key(address)})
 
-    def _refuse(self, scope: str, tenant_id: str, address: str, seconds: int) -> None:
+    def _refuse(
+        self,
+        scope: str,
+        tenant_id: str,
+        address: str,
+        seconds: int,
+        error: type[TooManyRequests] = LoginThrottled,
+    ) -> None:
         self._metrics.logins_throttled.labels(scope).inc()
         logger.warning(
-            "login throttled",
+            "registration throttled" if scope == "registration" else "login throttled",
             extra={
                 "scope": scope,
                 "tenant_id": tenant_id,
@@ -191,4 +224,4 @@ class LoginThrottle:
                 "retry_after_seconds": seconds,
             },
         )
-        raise LoginThrottled(retry_after_seconds=seconds)
+        raise error(retry_after_seconds=seconds)

@@ -1,19 +1,24 @@
 """tenants and their owners, invitations, refresh tokens, login throttling
 
 Every existing tenant gets a row, its earliest user (by created_at, then id) becomes its owner
-and its other users members. Stored emails are normalised as registration now normalises them
-(NFKC, lower-cased), except where that would merge two accounts of one tenant: those stay as
-they were, and the later one can no longer be reached by a look-alike form.
+and its other users members. Stored emails are folded as registration and login now fold them
+(Unicode NFKC, then case-folded), in Python, as the service does. Where an account's folded
+email is already another account's of the same tenant (two registrations of one person from
+before), it keeps its own and a warning names it: an operator merges the two.
 
 Revision ID: 0003
 Revises: 0002
 Create Date: 2026-12-07
 """
 
+import logging
+import unicodedata
 from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
+
+logger = logging.getLogger("alembic.runtime.migration")
 
 revision: str = "0003"
 down_revision: str | None = "0002"
@@ -61,17 +66,7 @@ def upgrade() -> None:
         ondelete="CASCADE",
     )
     op.drop_constraint(op.f("ck_users_email_lowercase"), "users", type_="check")
-    op.execute(
-        """
-        UPDATE users AS u SET email = lower(normalize(u.email, NFKC))
-        WHERE u.email <> lower(normalize(u.email, NFKC))
-          AND NOT EXISTS (
-              SELECT 1 FROM users AS o
-              WHERE o.tenant_id = u.tenant_id AND o.id <> u.id
-                AND lower(normalize(o.email, NFKC)) = lower(normalize(u.email, NFKC))
-          )
-        """
-    )
+    _fold_emails()
 
     op.create_table(
         "invitations",
@@ -140,6 +135,36 @@ def upgrade() -> None:
     )
 
 
+def _fold(email: str) -> str:
+    """user_service.users.schemas.fold_email as of this revision (before and after the email's
+    validation, which left stored emails as they are): frozen here, as a migration must be."""
+    folded = unicodedata.normalize("NFKC", email).casefold()
+    return unicodedata.normalize("NFKC", folded).casefold()
+
+
+def _fold_emails() -> None:
+    connection = op.get_bind()
+    rows = connection.execute(
+        sa.text("SELECT id, tenant_id, email FROM users ORDER BY tenant_id, created_at, id")
+    ).all()
+    taken = {(tenant_id, email) for _, tenant_id, email in rows}
+    changes = []
+    for user_id, tenant_id, email in rows:
+        folded = _fold(email)
+        if folded == email:
+            continue
+        if (tenant_id, folded) in taken:
+            logger.warning(
+                "email not folded: another account of the tenant has that form",
+                extra={"tenant_id": tenant_id, "user_id": str(user_id)},
+            )
+            continue
+        taken.add((tenant_id, folded))
+        changes.append({"id": user_id, "email": folded})
+    if changes:
+        connection.execute(sa.text("UPDATE users SET email = :email WHERE id = :id"), changes)
+
+
 def downgrade() -> None:
     op.drop_table("login_throttles")
     op.drop_index("ix_refresh_tokens_user_id", table_name="refresh_tokens")
@@ -147,7 +172,11 @@ def downgrade() -> None:
     op.drop_table("refresh_tokens")
     op.drop_index("ix_invitations_tenant_id", table_name="invitations")
     op.drop_table("invitations")
-    op.create_check_constraint(op.f("ck_users_email_lowercase"), "users", "email = lower(email)")
+    # NOT VALID: a folded email need not equal its lower() (Cherokee letters fold to upper case).
+    op.execute(
+        "ALTER TABLE users ADD CONSTRAINT ck_users_email_lowercase "
+        "CHECK (email = lower(email)) NOT VALID"
+    )
     op.drop_constraint(op.f("fk_users_tenant_id_tenants"), "users", type_="foreignkey")
     op.drop_constraint(op.f("ck_users_role"), "users", type_="check")
     op.drop_column("users", "role")
