@@ -76,3 +76,32 @@ ensure_wrk() {  # the HTTP load generator (Debian's package)
     apt-get install -y -qq wrk >/dev/null 2>&1 || { apt-get update -qq >/dev/null && apt-get install -y -qq wrk >/dev/null; }
   fi
 }
+
+ensure_nginx() {  # the edge in front of the gateway (Debian's package; nginx/edge.conf)
+  if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
+    log "installing nginx (Debian package)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq --no-install-recommends nginx >/dev/null 2>&1 || {
+      apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends nginx >/dev/null
+    }
+  fi
+}
+
+# The edge's limits, with the issue's defaults; each one an environment variable.
+EDGE_VARIABLES='${EDGE_LISTEN} ${EDGE_UPSTREAM} ${EDGE_RUN_DIR} ${EDGE_WORKER_PROCESSES}
+${EDGE_WORKER_CONNECTIONS} ${EDGE_MAX_CONNECTIONS} ${EDGE_HEADER_TIMEOUT} ${EDGE_BODY_TIMEOUT}
+${EDGE_KEEPALIVE_TIMEOUT} ${EDGE_HEADER_BUFFERS} ${EDGE_MAX_BODY_SIZE}'
+
+render_edge_conf() {  # render_edge_conf LISTEN UPSTREAM RUN_DIR: writes RUN_DIR/edge.conf
+  mkdir -p "$3"
+  EDGE_LISTEN=$1 EDGE_UPSTREAM=$2 EDGE_RUN_DIR=$3 \
+    EDGE_WORKER_PROCESSES=${EDGE_WORKER_PROCESSES:-auto} \
+    EDGE_WORKER_CONNECTIONS=${EDGE_WORKER_CONNECTIONS:-4096} \
+    EDGE_MAX_CONNECTIONS=${EDGE_MAX_CONNECTIONS:-1000} \
+    EDGE_HEADER_TIMEOUT=${EDGE_HEADER_TIMEOUT:-10s} \
+    EDGE_BODY_TIMEOUT=${EDGE_BODY_TIMEOUT:-30s} \
+    EDGE_KEEPALIVE_TIMEOUT=${EDGE_KEEPALIVE_TIMEOUT:-5s} \
+    EDGE_HEADER_BUFFERS=${EDGE_HEADER_BUFFERS:-2 8k} \
+    EDGE_MAX_BODY_SIZE=${EDGE_MAX_BODY_SIZE:-1m} \
+    envsubst "$EDGE_VARIABLES" <"$ROOT/nginx/edge.conf" >"$3/edge.conf"
+}

@@ -57,6 +57,11 @@ class CommonSettings(BaseSettings):
 
     # Largest request body an HTTP service reads (bytes); larger bodies get a 422.
     max_request_body_bytes: int = Field(default=64 * 1024, ge=1024)
+    # More request header fields, or a larger header section (bytes), get a 431 (shared.web).
+    # An unfinished header section is bounded by the server (uvicorn --http h11
+    # --h11-max-incomplete-event-size), at the edge by nginx (nginx/edge.conf).
+    max_request_header_fields: int = Field(default=100, ge=10)
+    max_request_header_bytes: int = Field(default=16 * 1024, ge=1024)
     # How long /ready waits for each dependency before calling it unreachable.
     readiness_timeout_seconds: float = Field(default=2.0, gt=0)
     # Allocations (net, of container objects) between two young-generation collections, once

@@ -76,6 +76,63 @@ class MaxBodySizeMiddleware:
         await self.app(scope, counting_receive, send)
 
 
+# Set once by the proxies in front (nginx: X-Forwarded-For and -Proto; the gateway: the
+# X-Forwarded-* it sends, the request id and the trace context): not the caller's own fields.
+PROXY_SET_HEADERS = frozenset(
+    {
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"x-request-id",
+        b"traceparent",
+        b"tracestate",
+    }
+)
+
+
+class HeaderLimitsMiddleware:
+    """Refuse a request with more than ``max_fields`` header fields, or a header section over
+    ``max_bytes`` (names, values, ": " and CRLF), with a 431 before the application reads them.
+
+    The server bounds what it buffers of an unfinished header section (uvicorn's h11 parser,
+    ``--h11-max-incomplete-event-size``) but takes a complete one of any size arriving at once;
+    nor does it count fields. The first field of each name the proxies in front set is not
+    counted, so a request that passes the first hop passes the next.
+    """
+
+    def __init__(self, app: ASGIApp, max_fields: int, max_bytes: int) -> None:
+        self.app = app
+        self.max_fields = max_fields
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            fields = size = 0
+            proxied: set[bytes] = set()
+            for key, value in scope["headers"]:
+                if key in PROXY_SET_HEADERS and key not in proxied:
+                    proxied.add(key)
+                    continue
+                fields += 1
+                size += len(key) + len(value) + 4
+            if fields > self.max_fields or size > self.max_bytes:
+                logger.warning(
+                    "request refused: header section too large",
+                    extra={"header_fields": fields, "header_bytes": size},
+                )
+                detail = (
+                    f"More than {self.max_fields} request header fields"
+                    if fields > self.max_fields
+                    else f"Request header section larger than {self.max_bytes} bytes"
+                )
+                response = JSONResponse(
+                    {"detail": detail}, status_code=431, headers={"connection": "close"}
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 
 
@@ -172,7 +229,8 @@ def install_common(
     server_request_hook: ServerRequestHook | None = None,
     serve_metrics: bool = True,
 ) -> None:
-    """Error handlers, the body-size guard (off with ``max_body_bytes=None``), RED metrics on
+    """Error handlers, the body-size guard (off with ``max_body_bytes=None``), the header
+    limits (431), RED metrics on
     /metrics, the request id in the logs (given one when it has none, with
     ``assign_request_ids``), and tracing."""
     install_error_handlers(app)
@@ -180,6 +238,11 @@ def install_common(
     if limit is not None:
         app.add_middleware(MaxBodySizeMiddleware, max_bytes=limit)
     app.add_middleware(RequestIdLogMiddleware, assign=assign_request_ids)
+    app.add_middleware(
+        HeaderLimitsMiddleware,
+        max_fields=settings.max_request_header_fields,
+        max_bytes=settings.max_request_header_bytes,
+    )
     app.add_middleware(HttpMetricsMiddleware, metrics=HttpMetrics(registry))
     instrument_app(
         app, configure_tracing(settings.service_name), server_request_hook=server_request_hook
