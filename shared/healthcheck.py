@@ -10,7 +10,7 @@ import os
 import sys
 import urllib.request
 
-DEFAULT_PORTS = {"user_service": 8000, "campaign_service": 8001, "gateway": 8080, "worker": 9000}
+DEFAULT_PORTS = {"user_service": 8000, "campaign_service": 8001, "gateway": 8082, "worker": 9000}
 
 
 def main() -> int:

@@ -33,7 +33,9 @@ APPS: dict[str, type[CommonSettings]] = {
     "gateway": GatewaySettings,
     "migrate": DatabaseSettings,
 }
-PORTS = {"user_service": 8000, "campaign_service": 8001, "gateway": 8080, "worker": 9000}
+PORTS = {"user_service": 8000, "campaign_service": 8001, "gateway": 8082, "worker": 9000}
+# The public port: the edge (nginx, in front of the gateway).
+EDGE_PORT = 8080
 # Where Prometheus scrapes each part: the gateway's metrics are on its internal port.
 METRICS_PORTS = {**PORTS, "gateway": 9080}
 START_COMMANDS = {  # DESIGN.md: what the containers run
@@ -79,6 +81,7 @@ class TestCompose:
             "jaeger",
             "prometheus",
             "migrate",
+            "edge",
             *PORTS,
         }
         assert SERVICES["jaeger"]["image"].startswith("jaegertracing/jaeger:2.")
@@ -152,7 +155,39 @@ class TestCompose:
 
         assert gateway["environment"]["GATEWAY_INTERNAL_PORT"] == str(METRICS_PORTS["gateway"])
         assert gateway["environment"]["GATEWAY_INTERNAL_HOST"] == "0.0.0.0"  # noqa: S104
-        assert all(str(METRICS_PORTS["gateway"]) not in str(port) for port in gateway["ports"])
+        assert "ports" not in gateway
+
+    def test_the_edge_alone_is_published_and_proxies_to_the_gateway(self) -> None:
+        edge, gateway = SERVICES["edge"], SERVICES["gateway"]
+        command = gateway["command"]
+
+        assert edge["ports"] == [f"${{GATEWAY_PORT:-{EDGE_PORT}}}:{EDGE_PORT}"]
+        assert edge["image"].startswith("nginx:")
+        assert edge["environment"]["EDGE_UPSTREAM"] == f"gateway:{PORTS['gateway']}"
+        assert edge["environment"]["EDGE_LISTEN"] == str(EDGE_PORT)
+        assert "./nginx/edge.conf:/etc/nginx/edge.conf.template:ro" in edge["volumes"]
+        assert edge["depends_on"]["gateway"]["condition"] == "service_healthy"
+        # Every name the template uses is given, and substituted (named one by one).
+        template = (ROOT / "nginx" / "edge.conf").read_text()
+        names = set(re.findall(r"\$\{(EDGE_[A-Z_]+)\}", template))
+        assert names == set(edge["environment"])
+        assert all(f"$${{{name}}}" in " ".join(edge["command"]) for name in names)
+        # The gateway believes X-Forwarded-For from the edge's network alone, which nginx sets.
+        subnet = COMPOSE["networks"]["edge"]["ipam"]["config"][0]["subnet"]
+        assert option(command, "--forwarded-allow-ips") == subnet
+        assert "--proxy-headers" in command
+        assert set(edge["networks"]) == {"edge"}
+        assert set(gateway["networks"]) == {"default", "edge"}
+
+    @pytest.mark.parametrize("name", ["user_service", "campaign_service", "gateway"])
+    def test_http_services_bound_headers_and_concurrency(self, name: str) -> None:
+        command = SERVICES[name]["command"]
+
+        assert option(command, "--http") == "h11"  # httptools buffers headers without a bound
+        assert (
+            option(command, "--h11-max-incomplete-event-size") == "${HTTP_MAX_HEADER_BYTES:-16384}"
+        )
+        assert option(command, "--limit-concurrency") == "${HTTP_MAX_CONCURRENCY:-1000}"
 
     def test_gateway_routes_reach_the_services(self) -> None:
         routes = json.loads(SERVICES["gateway"]["environment"]["GATEWAY_ROUTES"])
@@ -178,7 +213,8 @@ class TestCompose:
 
     def test_every_variable_is_documented_in_env_example(self) -> None:
         text = (ROOT / "docker-compose.yml").read_text()
-        used = set(re.findall(r"\$\{([A-Z0-9_]+)", text))
+        # $${NAME} is a literal ${NAME} for the container (the edge's envsubst), not compose's.
+        used = set(re.findall(r"(?<!\$)\$\{([A-Z0-9_]+)", text))
         documented = {
             match.group(1)
             for match in re.finditer(
