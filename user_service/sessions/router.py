@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from fastapi import APIRouter, Response, status
 
 from shared.db import SessionDep
@@ -40,12 +42,7 @@ async def refresh(
         metrics.refreshes.labels("invalid").inc()
         raise
     metrics.refreshes.labels("rotated").inc()
-    return TokenResponse(
-        access_token=pair.access_token,
-        expires_in=pair.expires_in,
-        refresh_token=pair.refresh_token,
-        refresh_expires_in=pair.refresh_expires_in,
-    )
+    return TokenResponse(**asdict(pair))
 
 
 @router.post("/logout", status_code=status.HTTP_204_NO_CONTENT)

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from fastapi import APIRouter, status
 
 from shared.db import SessionDep
@@ -85,9 +87,4 @@ async def login(
         metrics.logins.labels("failure").inc()
         raise
     metrics.logins.labels("success").inc()
-    return TokenResponse(
-        access_token=pair.access_token,
-        expires_in=pair.expires_in,
-        refresh_token=pair.refresh_token,
-        refresh_expires_in=pair.refresh_expires_in,
-    )
+    return TokenResponse(**asdict(pair))
