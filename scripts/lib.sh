@@ -88,13 +88,15 @@ ensure_nginx() {  # the edge in front of the gateway (Debian's package; nginx/ed
 }
 
 # The edge's limits, with the issue's defaults; each one an environment variable.
-EDGE_VARIABLES='${EDGE_LISTEN} ${EDGE_UPSTREAM} ${EDGE_RUN_DIR} ${EDGE_WORKER_PROCESSES}
+EDGE_VARIABLES='${EDGE_LISTEN} ${EDGE_UPSTREAM} ${EDGE_RUN_DIR} ${EDGE_TEMP_DIR} ${EDGE_WORKER_PROCESSES}
 ${EDGE_WORKER_CONNECTIONS} ${EDGE_MAX_CONNECTIONS} ${EDGE_HEADER_TIMEOUT} ${EDGE_BODY_TIMEOUT}
 ${EDGE_KEEPALIVE_TIMEOUT} ${EDGE_HEADER_BUFFERS} ${EDGE_MAX_BODY_SIZE}'
 
-render_edge_conf() {  # render_edge_conf LISTEN UPSTREAM RUN_DIR: writes RUN_DIR/edge.conf
-  mkdir -p "$3"
-  EDGE_LISTEN=$1 EDGE_UPSTREAM=$2 EDGE_RUN_DIR=$3 \
+# render_edge_conf LISTEN UPSTREAM RUN_DIR TEMP_DIR: writes RUN_DIR/edge.conf. TEMP_DIR holds
+# request bodies; nginx's workers must reach it (a folder of /tmp, say, not of a private home).
+render_edge_conf() {
+  mkdir -p "$3" "$4"
+  EDGE_LISTEN=$1 EDGE_UPSTREAM=$2 EDGE_RUN_DIR=$3 EDGE_TEMP_DIR=$4 \
     EDGE_WORKER_PROCESSES=${EDGE_WORKER_PROCESSES:-auto} \
     EDGE_WORKER_CONNECTIONS=${EDGE_WORKER_CONNECTIONS:-4096} \
     EDGE_MAX_CONNECTIONS=${EDGE_MAX_CONNECTIONS:-1000} \

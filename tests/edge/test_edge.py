@@ -231,6 +231,28 @@ class TestHeaderLimits:
         assert await edge_status(stack, request(*fields(99))) == 200
 
 
+class TestBodies:
+    async def test_a_body_larger_than_nginx_keeps_in_memory_passes(self, stack: Stack) -> None:
+        # Over client_body_buffer_size nginx writes the body to its temporary folder, which its
+        # workers (another user, when the master is root) must be able to write.
+        body = json.dumps({"fill": "x" * 300_000}).encode()
+        async with httpx.AsyncClient() as client:
+            response = await client.post(
+                f"http://127.0.0.1:{stack.edge.port}/api/echo/echo", content=body
+            )
+
+        assert response.status_code == 200, response.text
+        assert response.json()["bytes"] == len(body)
+
+    async def test_a_body_over_the_limit_is_413(self, stack: Stack) -> None:
+        async with httpx.AsyncClient() as client:
+            response = await client.post(
+                f"http://127.0.0.1:{stack.edge.port}/api/echo/echo", content=b"x" * (MiB + 1)
+            )
+
+        assert response.status_code == 413
+
+
 class TestAddresses:
     async def test_the_gateway_sees_the_client_address_never_the_claimed_one(
         self, stack: Stack
@@ -379,7 +401,7 @@ class TestConcurrency:
 def test_the_renderer_fills_every_setting(tmp_path: Path) -> None:
     from tests.support.edge import render_edge_conf
 
-    text = render_edge_conf("127.0.0.1:1", "127.0.0.1:2", tmp_path).read_text()
+    text = render_edge_conf("127.0.0.1:1", "127.0.0.1:2", tmp_path, tmp_path / "t").read_text()
 
     assert "${" not in text.split("\n", 3)[3]  # past the comment that names the template
     assert "client_header_timeout 10s;" in text

@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -19,12 +20,14 @@ from tests.support.processes import ROOT, free_port
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 
 
-def render_edge_conf(listen: str, upstream: str, run_dir: Path, **limits: str) -> Path:
+def render_edge_conf(
+    listen: str, upstream: str, run_dir: Path, temp_dir: Path, **limits: str
+) -> Path:
     """nginx/edge.conf filled by the same shell function scripts/run-local uses."""
     env = {**os.environ, **{f"EDGE_{name.upper()}": value for name, value in limits.items()}}
     script = 'source scripts/lib.sh && render_edge_conf "$@"'
     subprocess.run(
-        ["bash", "-c", script, "render", listen, upstream, str(run_dir)],
+        ["bash", "-c", script, "render", listen, upstream, str(run_dir), str(temp_dir)],
         cwd=ROOT,
         env=env,
         check=True,
@@ -52,8 +55,15 @@ class Nginx:
         self.port = free_port()
         self.run_dir = run_dir
         self.log_path = run_dir / "edge.log"
+        # Request bodies: in /tmp, where nginx's workers (nobody, under a root master) reach.
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="campaign-edge-"))
+        self.temp_dir.chmod(0o755)
         self.config = render_edge_conf(
-            f"127.0.0.1:{self.port}", f"127.0.0.1:{upstream_port}", run_dir, **limits
+            f"127.0.0.1:{self.port}",
+            f"127.0.0.1:{upstream_port}",
+            run_dir,
+            self.temp_dir,
+            **limits,
         )
         self.process: asyncio.subprocess.Process | None = None
 
@@ -84,6 +94,12 @@ class Nginx:
         return [self.process.pid, *children(self.process.pid)]
 
     async def stop(self) -> None:
+        try:
+            await self._stop()
+        finally:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    async def _stop(self) -> None:
         if self.process is None or self.process.returncode is not None:
             return
         workers = children(self.process.pid)
