@@ -32,6 +32,7 @@ from tests.support.databases import create_database, drop_database
 from tests.support.processes import ROOT, free_port
 from tests.support.rabbit import RabbitAdmin, new_vhost_name, vhost_url
 from tests.support.servers import serve
+from tests.support.users import new_private_key_pem
 
 ADMIN_DATABASE_URL = os.environ.get(
     "TEST_DATABASE_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -336,6 +337,16 @@ class CpuMeter:
 
 def python(*args: str) -> list[str]:
     return [sys.executable, *args]
+
+
+def user_service(bench: Bench, name: str, port: int) -> Process:
+    """user_service as its container runs it, with a signing key of its own."""
+    return Process(
+        name,
+        python("-m", "uvicorn", "user_service.main:app", "--port", str(port)),
+        bench.env(JWT_PRIVATE_KEY=new_private_key_pem()),
+        bench.logs,
+    )
 
 
 def campaign_service(

@@ -30,11 +30,12 @@ from benchmarks.harness import (
     pids_named,
     purge_worker_queue,
     python,
+    user_service,
     uvicorn_args,
     wait_http,
 )
 from tests.support.polling import eventually
-from tests.support.users import PASSWORD, new_private_key_pem
+from tests.support.users import PASSWORD
 
 LUA = Path(__file__).parent / "lua"
 SECONDS = int(os.environ.get("BENCH_HTTP_SECONDS", "10"))
@@ -313,12 +314,7 @@ async def run(bench: Bench, rounds: int = 3) -> dict[str, Any]:
         f' "upstream": "{campaigns_url}/campaigns"}}]'
     )
     services = [
-        Process(
-            "user_service",
-            python("-m", "uvicorn", "user_service.main:app", "--port", str(ports["user"])),
-            bench.env(JWT_PRIVATE_KEY=new_private_key_pem()),
-            bench.logs,
-        ),
+        user_service(bench, "user_service", ports["user"]),
         campaign_service(bench, "campaign_service", ports["campaigns"], user_url),
         Process(
             "gateway",

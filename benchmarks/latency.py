@@ -34,10 +34,10 @@ from benchmarks.harness import (
     free_port,
     pids_named,
     python,
+    user_service,
     wait_http,
 )
 from benchmarks.http import token_for
-from tests.support.users import new_private_key_pem
 
 CONNECTIONS = 64
 # Before the measured rates, campaigns offered (at the first rate) and processed unmeasured: a
@@ -159,12 +159,7 @@ async def run(bench: Bench, rates: list[int], seconds: int) -> dict[str, Any]:
     user_url = f"http://127.0.0.1:{ports['user']}"
     campaigns_url = f"http://127.0.0.1:{ports['campaigns']}"
     processes = [
-        Process(
-            "user_service-latency",
-            python("-m", "uvicorn", "user_service.main:app", "--port", str(ports["user"])),
-            bench.env(JWT_PRIVATE_KEY=new_private_key_pem()),
-            bench.logs,
-        ),
+        user_service(bench, "user_service-latency", ports["user"]),
         campaign_service(bench, "campaign_service-latency", ports["campaigns"], user_url),
         Process(
             "worker-latency",
