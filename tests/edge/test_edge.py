@@ -17,7 +17,14 @@ import httpx
 import pytest
 from fastapi import FastAPI, Request
 
-from tests.support.edge import Nginx, read_response, read_until_closed, rss_kib, status_of
+from tests.support.edge import (
+    Nginx,
+    read_response,
+    read_until_closed,
+    rss_kib,
+    server_options,
+    status_of,
+)
 from tests.support.metrics import parse
 from tests.support.polling import eventually
 from tests.support.processes import ServiceProcess, free_port
@@ -30,13 +37,7 @@ GATEWAY_SERVER_OPTIONS = [
     "--proxy-headers",
     "--forwarded-allow-ips",
     "127.0.0.1",
-    "--no-server-header",
-    "--http",
-    "h11",
-    "--h11-max-incomplete-event-size",
-    "16384",
-    "--limit-concurrency",
-    "1000",
+    *server_options(),
 ]
 MiB = 1024 * 1024
 

@@ -15,24 +15,12 @@ from campaign_service.settings import CampaignServiceSettings
 from gateway.app import create_app as create_gateway_app
 from shared.web import HeaderLimitsMiddleware
 from tests.edge.test_edge import MiB, fields, request
-from tests.support.edge import read_response, read_until_closed, rss_kib, status_of
+from tests.support.edge import read_response, read_until_closed, rss_kib, server_options, status_of
 from tests.support.processes import ServiceProcess
 from tests.support.users import new_private_key_pem
 from user_service.app import create_app as create_user_app
 
 CONCURRENCY = 4
-
-
-def server_options(concurrency: int) -> list[str]:
-    return [
-        "--no-server-header",
-        "--http",
-        "h11",
-        "--h11-max-incomplete-event-size",
-        "16384",
-        "--limit-concurrency",
-        str(concurrency),
-    ]
 
 
 @pytest.fixture(scope="module")

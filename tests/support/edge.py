@@ -20,6 +20,19 @@ from tests.support.processes import ROOT, free_port
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 
 
+def server_options(concurrency: int = 1000) -> list[str]:
+    """The uvicorn options every HTTP process runs with (scripts/run-local, docker/start)."""
+    return [
+        "--no-server-header",
+        "--http",
+        "h11",
+        "--h11-max-incomplete-event-size",
+        "16384",
+        "--limit-concurrency",
+        str(concurrency),
+    ]
+
+
 def render_edge_conf(
     listen: str, upstream: str, run_dir: Path, temp_dir: Path, **limits: str
 ) -> Path:
