@@ -2,9 +2,12 @@
 
 ```
 campaigns (topic) --campaign.created--> worker.campaign.created (quorum)
-                                          | reject / delivery limit
+                                          | delivery limit
                                           v
         campaign.deadletter (fanout) --> campaign.deadletter (quorum)
+                                          ^
+                                          | expired at once (x-message-ttl 0)
+worker.campaign.created.dead-letter (quorum) <-- the worker's dead letters, with their last error
 
 worker.campaign.created.retry.<ms>ms (quorum, x-message-ttl) --expired--> "" (default exchange)
                                           routing key worker.campaign.created --> back to the queue
@@ -78,13 +81,43 @@ DEAD_LETTER_QUEUE = RabbitQueue(
     arguments=cast(QuorumQueueArgs, {"x-delivery-limit": DEAD_LETTER_DELIVERY_LIMIT}),
 )
 
+# The worker's dead letters, each with its last error in its headers (a nack cannot add
+# headers): every message expires here at once, and the broker moves it to the dead-letter
+# exchange with its ``x-death`` record. The worker never consumes this queue, so a message marked
+# as dead-lettered (DEAD_LETTER_MARK_HEADER) that reaches the worker's own queue was sent back by
+# an operator: a replay (``deadletters replay``, or the RabbitMQ UI's "Move messages").
+DEAD_LETTER_PARKING_QUEUE = RabbitQueue(
+    f"{WORKER_QUEUE_NAME}.dead-letter",
+    queue_type=QueueType.QUORUM,
+    durable=True,
+    arguments=_quorum_arguments(
+        **{"x-message-ttl": 0, "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE.name}
+    ),
+)
+
 # Headers the worker owns (never the broker's x-death: see retry_queue()).
+# The attempt this delivery is (from 1), and the first attempt of its round: a replay starts a
+# new round of WORKER_MAX_ATTEMPTS attempts, numbered on from where the last round ended.
 ATTEMPT_HEADER = "x-attempt"
+ROUND_HEADER = "x-round-first-attempt"
 ERROR_TYPE_HEADER = "x-last-error-type"
 ERROR_MESSAGE_HEADER = "x-last-error-message"
-# Set on the copy the worker sends back to its own queue to be rejected into the DLX with the
-# final error attached (a nack cannot add headers). See worker/processing.py.
+# On every message the worker dead-letters (its name is older than the parking queue; messages
+# dead-lettered by earlier versions carry it too). Back in the worker's queue, a replay.
 DEAD_LETTER_MARK_HEADER = "x-dead-letter-requested"
+# What the broker adds to a dead-lettered message: its history there, never sent on by us.
+BROKER_DEATH_HEADERS = frozenset(
+    {
+        "x-death",
+        "x-delivery-count",
+        "x-first-death-exchange",
+        "x-first-death-queue",
+        "x-first-death-reason",
+        "x-last-death-exchange",
+        "x-last-death-queue",
+        "x-last-death-reason",
+    }
+)
 
 
 def retry_queue(delay_seconds: float) -> RabbitQueue:
@@ -168,6 +201,7 @@ async def declare_core(broker: RabbitBroker) -> None:
     dead_letters = await broker.declare_exchange(DEAD_LETTER_EXCHANGE)
     dead_letter_queue = await broker.declare_queue(DEAD_LETTER_QUEUE)
     await dead_letter_queue.bind(dead_letters, routing_key="")
+    await broker.declare_queue(DEAD_LETTER_PARKING_QUEUE)
     exchange = await broker.declare_exchange(CAMPAIGNS_EXCHANGE)
     queue = await broker.declare_queue(WORKER_QUEUE)
     await queue.bind(exchange, routing_key=CAMPAIGN_CREATED)

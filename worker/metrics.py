@@ -40,6 +40,12 @@ class WorkerMetrics:
             "Messages sent to the campaign.deadletter exchange.",
             registry=registry,
         )
+        self.replays = Counter(
+            "worker_replayed_messages",
+            "Dead letters sent back to the worker's queue by an operator (deadletters replay, "
+            "the RabbitMQ UI's move): each starts a new round of attempts.",
+            registry=registry,
+        )
         self.in_flight = Gauge(
             "worker_messages_in_flight",
             "Deliveries being processed now.",

@@ -2,9 +2,9 @@
 settled explicitly, and only after its row is written:
 
 - success: row ``success`` -> ack;
-- failure with attempts left: row ``retry`` -> republish to the delay queue of that attempt
-  (confirmed) with the next attempt number in ``x-attempt`` -> ack;
-- failure on the last attempt: row ``failed`` -> dead-letter;
+- failure with attempts left in its round: row ``retry`` -> republish to the delay queue of that
+  attempt (confirmed) with the next attempt number in ``x-attempt`` -> ack;
+- failure on the last attempt of its round: row ``failed`` -> dead-letter;
 - poison (not a valid event, or no such campaign in its tenant): dead-letter at once, without
   executing anything;
 - an event whose ``success`` row exists: ack without running it again.
@@ -12,20 +12,27 @@ settled explicitly, and only after its row is written:
 A batch costs one query before execution (which events are done, which name no campaign of
 their tenant), one insert after it for all its rows, and one ``basic.ack(multiple=True)``: the
 consumer hands over batches in delivery order, one at a time, and every delivery the batch does
-not acknowledge (rejected, requeued) is settled before that ack, so the ack covers exactly the
-batch's own acknowledged deliveries.
+not acknowledge (requeued) is settled before that ack, so the ack covers exactly the batch's own
+acknowledged deliveries.
 
-Dead-lettering with the reason attached: a nack cannot add headers, so the worker republishes
-the message (same body, ``message_id`` and properties) to its own queue with the error's type
-and message, the attempt count and a mark, acks the original, and rejects the marked copy when it
-arrives. The broker dead-letters that copy to ``campaign.deadletter``, adding ``x-death``.
+Dead-lettering with the reason attached: a nack cannot add headers, so the worker publishes a
+copy (same body, ``message_id`` and properties) to ``worker.campaign.created.dead-letter`` with
+the error's type and message, the attempt count and the dead-letter mark, confirmed, and acks
+the original. That queue expires every message at once into ``campaign.deadletter``, which adds
+``x-death``.
 
-The attempt count lives in ``x-attempt``; the broker's ``x-death`` is never copied onto a
-republished message (a broker drops a message it takes for a dead-letter cycle).
+Replays: a marked message arriving here was sent back from ``campaign.deadletter`` by an
+operator (``deadletters replay``, or the RabbitMQ UI's "Move messages"). It starts a new round
+of ``WORKER_MAX_ATTEMPTS`` attempts, numbered on from the attempt it died at, so its rows
+continue the campaign's job log; an event that already succeeded is acknowledged unrun.
+
+The attempt count lives in ``x-attempt``, the round's first attempt in ``x-round-first-attempt``;
+the broker's ``x-death`` is never copied onto a republished message (a broker drops a message it
+takes for a dead-letter cycle).
 
 Each delivery has its own process span, a child of the publish span whose W3C context came in
-the AMQP headers, so one trace follows each campaign; every line logged for a delivery carries
-its trace and its ids.
+the AMQP headers, so one trace follows each campaign (a replay too); every line logged for a
+delivery carries its trace and its ids.
 """
 
 from __future__ import annotations
@@ -51,9 +58,10 @@ from shared.logs import log_context, trace_fields
 from shared.messaging import (
     ATTEMPT_HEADER,
     DEAD_LETTER_MARK_HEADER,
+    DEAD_LETTER_PARKING_QUEUE,
     ERROR_MESSAGE_HEADER,
     ERROR_TYPE_HEADER,
-    WORKER_QUEUE_NAME,
+    ROUND_HEADER,
     publish_confirmed,
     retry_queue,
 )
@@ -73,13 +81,33 @@ class PoisonMessage(Exception):
     """A message that no number of attempts can process."""
 
 
-def attempt_of(headers: dict[str, Any]) -> int:
-    value = headers.get(ATTEMPT_HEADER, 1)
+def _counter(value: Any) -> int:
+    """A header's positive count; 1 for anything else."""
     try:
-        attempt = int(value)
+        count = int(value)
     except (TypeError, ValueError, OverflowError):  # not a number, or an infinite float
         return 1
-    return max(attempt, 1)
+    return max(count, 1)
+
+
+@dataclass(frozen=True, slots=True)
+class Round:
+    """Which attempt a delivery is, and the first attempt of its round of attempts."""
+
+    attempt: int
+    first: int
+    replayed: bool  # a dead letter sent back by an operator: the first attempt of a new round
+
+    def number(self) -> int:
+        """The attempt's place in its round (from 1)."""
+        return self.attempt - self.first + 1
+
+
+def round_of(headers: dict[str, Any]) -> Round:
+    attempt = _counter(headers.get(ATTEMPT_HEADER, 1))
+    if headers.get(DEAD_LETTER_MARK_HEADER):
+        return Round(attempt + 1, attempt + 1, replayed=True)
+    return Round(attempt, min(_counter(headers.get(ROUND_HEADER, 1)), attempt), replayed=False)
 
 
 def describe(error: BaseException) -> tuple[str, str]:
@@ -115,7 +143,7 @@ class _Delivery:
 
     message: Message
     span: trace.Span
-    attempt: int
+    round: Round
     event: CampaignCreated | None = None
     outcome: Outcome | None = None
     error: tuple[str, str] | None = None  # the failure's type and message, to send on
@@ -123,6 +151,10 @@ class _Delivery:
     lines: list[tuple[int, str, dict[str, Any]]] = field(default_factory=list)
     # The event's ids, on every line logged about the delivery (none before it is parsed).
     about: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def attempt(self) -> int:
+        return self.round.attempt
 
     @property
     def trace_id(self) -> str | None:
@@ -159,7 +191,7 @@ class CampaignProcessor:
     async def handle_batch(self, messages: Sequence[Message]) -> None:
         started = time.perf_counter()
         batch = [
-            _Delivery(message, _process_span(message), attempt_of(message.headers))
+            _Delivery(message, _process_span(message), round_of(message.headers))
             for message in messages
         ]
         self._metrics.in_flight.inc(len(batch))
@@ -238,14 +270,15 @@ class CampaignProcessor:
             # delivers it again on the new channel, so doing its work now would do it twice.
             delivery.settled = True
             return False
-        if message.headers.get(DEAD_LETTER_MARK_HEADER):
-            # Our own copy, carrying the final error: the broker moves it to the DLX.
-            await _reject(delivery)
-            self._metrics.dead_lettered.inc()
-            delivery.span.add_event(
-                "dead-lettered", {"messaging.destination.name": "campaign.deadletter"}
+        if delivery.round.replayed:
+            self._metrics.replays.inc()
+            delivery.span.set_attribute("campaign.replay", True)
+            delivery.log(
+                logging.INFO,
+                "dead letter replayed: a new round of attempts",
+                message_id=message.message_id,
+                attempt=delivery.attempt,
             )
-            return False
         try:
             event = CampaignCreated.model_validate_json(message.body)
         except ValidationError as exc:
@@ -303,7 +336,7 @@ class CampaignProcessor:
         if error is None:
             return JobRow(event, JobStatus.SUCCESS, delivery.attempt, None, delivery.trace_id)
         delivery.error = describe(error)
-        last_attempt = delivery.attempt >= self._settings.worker_max_attempts
+        last_attempt = delivery.round.number() >= self._settings.worker_max_attempts
         status = JobStatus.FAILED if last_attempt else JobStatus.RETRY
         error_type, error_message = delivery.error
         return JobRow(
@@ -336,7 +369,7 @@ class CampaignProcessor:
             delivery.log(
                 logging.INFO,
                 "campaign failed; retrying",
-                retry_in_seconds=self._settings.retry_delay(delivery.attempt),
+                retry_in_seconds=self._settings.retry_delay(delivery.round.number()),
                 error=delivery.error[1] if delivery.error else None,
             )
 
@@ -352,16 +385,22 @@ class CampaignProcessor:
         )
         failed = []
         for (delivery, _), result in zip(copies, results, strict=True):
-            if isinstance(result, BaseException):
-                delivery.span.record_exception(result)
-                delivery.span.set_status(
-                    trace.Status(trace.StatusCode.ERROR, f"{type(result).__name__}: {result}")
-                )
-                logger.error(
-                    "could not republish; requeueing",
-                    extra={"message_id": delivery.message.message_id, "error": repr(result)},
-                )
-                failed.append(delivery)
+            if not isinstance(result, BaseException):
+                if delivery.outcome is not Outcome.RETRY:
+                    self._metrics.dead_lettered.inc()
+                    delivery.span.add_event(
+                        "dead-lettered", {"messaging.destination.name": "campaign.deadletter"}
+                    )
+                continue
+            delivery.span.record_exception(result)
+            delivery.span.set_status(
+                trace.Status(trace.StatusCode.ERROR, f"{type(result).__name__}: {result}")
+            )
+            logger.error(
+                "could not republish; requeueing",
+                extra={"message_id": delivery.message.message_id, "error": repr(result)},
+            )
+            failed.append(delivery)
         if failed:
             await asyncio.sleep(1.0)  # a broker that refused just now would refuse again
             await self._give_back_all(failed, "republish failed", failed=True)
@@ -370,9 +409,10 @@ class CampaignProcessor:
         """The queue the delivery's copy goes to, and its headers; None when it needs none."""
         error_type, error_message = delivery.error or ("", "")
         if delivery.outcome is Outcome.RETRY:
-            delay = self._settings.retry_delay(delivery.attempt)
+            delay = self._settings.retry_delay(delivery.round.number())
             return retry_queue(delay).name, {
                 ATTEMPT_HEADER: delivery.attempt + 1,
+                ROUND_HEADER: delivery.round.first,
                 ERROR_TYPE_HEADER: error_type,
                 ERROR_MESSAGE_HEADER: error_message,
             }
@@ -381,8 +421,9 @@ class CampaignProcessor:
                 "dead-letter requested",
                 {"error.type": error_type, "campaign.attempt": delivery.attempt},
             )
-            return WORKER_QUEUE_NAME, {
+            return DEAD_LETTER_PARKING_QUEUE.name, {
                 ATTEMPT_HEADER: delivery.attempt,
+                ROUND_HEADER: delivery.round.first,
                 ERROR_TYPE_HEADER: error_type,
                 ERROR_MESSAGE_HEADER: error_message,
                 DEAD_LETTER_MARK_HEADER: True,
@@ -469,15 +510,6 @@ class _scope:  # noqa: N801  (used as a function is: ``with _scope(delivery):``)
             self._log_context.__exit__(*exc_info)
         finally:
             context.detach(self._token)
-
-
-async def _reject(delivery: _Delivery) -> None:
-    """Reject without requeue: to the queue's dead-letter exchange."""
-    delivery.settled = True
-    try:
-        await delivery.message.reject(requeue=False)
-    except Exception as exc:  # the channel is gone: the broker redelivers the message
-        logger.warning("could not reject; the broker will redeliver", extra={"error": repr(exc)})
 
 
 async def _ack_all(batch: list[_Delivery]) -> None:

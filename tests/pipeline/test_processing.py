@@ -147,7 +147,7 @@ class TestRetries:
         assert message_headers[ERROR_TYPE_HEADER] == "SimulatedFailure"
         assert f"attempt {TEST_MAX_ATTEMPTS}" in message_headers[ERROR_MESSAGE_HEADER]
         [death] = message_headers["x-death"]
-        assert (death["queue"], death["reason"]) == ("worker.campaign.created", "rejected")
+        assert (death["queue"], death["reason"]) == ("worker.campaign.created.dead-letter", "expired")
 
 
 class TestPoison:
@@ -168,7 +168,7 @@ class TestPoison:
         message_headers = message["properties"]["headers"]
         assert message_headers[ATTEMPT_HEADER] == 1
         assert message_headers[ERROR_TYPE_HEADER] == "PoisonMessage"
-        assert message_headers["x-death"][0]["reason"] == "rejected"
+        assert message_headers["x-death"][0]["reason"] == "expired"
         # The worker carries on with the next campaign.
         campaign = await create_campaign(campaign_client, headers, "after the poison")
         assert steps(await wait_for_jobs(campaign_client, headers, campaign["id"])) == [

@@ -74,6 +74,12 @@ class TestTopology:
         # default limit that RabbitMQ 4 would otherwise apply before dropping them.
         dead_letters = next(q for q in topology["queues"] if q["name"] == "campaign.deadletter")
         assert dead_letters["arguments"]["x-delivery-limit"] == DEAD_LETTER_DELIVERY_LIMIT
+        # The worker's dead letters pass through a queue that no one consumes, on their way.
+        parking = next(
+            q for q in topology["queues"] if q["name"] == "worker.campaign.created.dead-letter"
+        )
+        assert parking["arguments"]["x-message-ttl"] == 0
+        assert parking["arguments"]["x-dead-letter-exchange"] == "campaign.deadletter"
 
     async def test_declaring_again_is_idempotent(
         self, amqp_url: str, vhost: str, rabbit_admin: RabbitAdmin
@@ -89,6 +95,7 @@ class TestTopology:
         assert names == {
             "campaign.deadletter",
             "worker.campaign.created",
+            "worker.campaign.created.dead-letter",
             "worker.campaign.created.retry.1000ms",
             "worker.campaign.created.retry.5000ms",
         }
