@@ -3,6 +3,7 @@ a ``campaign.created`` event. Every route the service has is mounted here."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -113,7 +114,14 @@ def create_app(
     async def refresh_outbox() -> None:
         await metrics.refresh_outbox(app.state.sessionmaker)
 
-    install_common(app, settings=settings, registry=registry, refreshers=[refresh_outbox])
+    async def refresh_queues() -> None:
+        if app.state.broker_startup.done:  # before that the connection is the startup's to make
+            async with asyncio.timeout(settings.readiness_timeout_seconds):
+                await metrics.refresh_queues(app.state.broker)
+
+    install_common(
+        app, settings=settings, registry=registry, refreshers=[refresh_outbox, refresh_queues]
+    )
 
     def readiness() -> dict[str, ReadinessCheck]:
         return {
