@@ -2,12 +2,15 @@
 the route table with the upstream addresses and each upstream's readiness in detail. Prometheus
 scrapes it; compose does not publish it. It is served by a second uvicorn server in the gateway's
 process, started and stopped with the public one (a signal stops the internal server first,
-which hands the signal on to the public one)."""
+which hands the signal on to the public one). In a multi-process start (``WEB_CONCURRENCY``) the
+processes share the internal port (``SO_REUSEPORT``): a scrape reaches one of them, which answers
+the totals of all (shared/multiprocess.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator
 
 import uvicorn
@@ -18,6 +21,7 @@ from gateway.settings import GatewaySettings
 from gateway.status import router as status_router
 from shared.errors import install_error_handlers
 from shared.metrics import metrics_router
+from shared.multiprocess import multiprocess_directory
 from shared.telemetry import NO_NATIVE_TELEMETRY
 from shared.web import health_router
 
@@ -56,7 +60,10 @@ async def serving(app: FastAPI, settings: GatewaySettings) -> AsyncIterator[None
             server_header=False,
         )
     )
-    task = asyncio.create_task(server.serve(), name="gateway-internal-port")
+    sockets = None
+    if multiprocess_directory() is not None:  # the sibling processes of this start bind it too
+        sockets = [_shared_socket(settings.gateway_internal_host, settings.gateway_internal_port)]
+    task = asyncio.create_task(server.serve(sockets), name="gateway-internal-port")
     while not server.started:
         if task.done():
             task.result()  # its error (the port in use): the gateway does not start
@@ -67,3 +74,18 @@ async def serving(app: FastAPI, settings: GatewaySettings) -> AsyncIterator[None
     finally:
         server.should_exit = True
         await task
+
+
+def _shared_socket(host: str, port: int) -> socket.socket:
+    """A socket on ``host:port`` that other processes of the same user may bind as well; the
+    kernel spreads the connections over them."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock

@@ -1,6 +1,13 @@
-"""ASGI entry point: ``uvicorn gateway.main:app --port 8080``."""
+"""ASGI entry point: ``uvicorn gateway.main:app --port 8080`` (``WEB_CONCURRENCY=N``: N
+processes, whose metrics add up: shared/multiprocess.py)."""
 
-from gateway.app import create_app
-from shared.heap import freeze_once_started
+from shared.multiprocess import share_metrics_across_processes
 
-app = freeze_once_started(create_app())
+# First: prometheus_client, imported by the app, chooses its mode once, on import.
+share_metrics_across_processes("gateway")
+
+from gateway.app import create_app  # noqa: E402
+from shared.heap import freeze_once_started  # noqa: E402
+from shared.multiprocess import mark_dead_on_shutdown  # noqa: E402
+
+app = mark_dead_on_shutdown(freeze_once_started(create_app()))

@@ -1,7 +1,9 @@
 """Prometheus exposition: each app owns a registry and serves it on /metrics.
 
 Names are in base units with ``_total`` on counters; no label carries a tenant, a user or a
-raw path, whose number grows without bound.
+raw path, whose number grows without bound. Started as several processes (``WEB_CONCURRENCY``),
+a service serves the totals of all of them (:mod:`shared.multiprocess`); each gauge says how
+its processes' values combine (``multiprocess_mode``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from shared.multiprocess import multiprocess_directory
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +42,16 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 
 def metrics_router(registry: CollectorRegistry, refreshers: Sequence[Refresher] = ()) -> APIRouter:
     """``/metrics``. ``refreshers`` update gauges that are read at scrape time (a database
-    count); one that fails leaves its gauges as they were and the scrape still answers."""
+    count); one that fails leaves its gauges as they were and the scrape still answers.
+
+    In a multi-process start, what every process of the start wrote to its directory, summed
+    (``registry`` then only checks that names are unique)."""
     router = APIRouter(tags=["metrics"])
+    served = registry
+    directory = multiprocess_directory()
+    if directory is not None:
+        served = CollectorRegistry()
+        MultiProcessCollector(served, path=str(directory))  # type: ignore[no-untyped-call]
 
     @router.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:
@@ -48,7 +61,7 @@ def metrics_router(registry: CollectorRegistry, refreshers: Sequence[Refresher] 
                     await refresh()
             except Exception as exc:  # a scrape must answer even when a source is away
                 logger.warning("metrics refresh failed", extra={"error": repr(exc)})
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(served), media_type=CONTENT_TYPE_LATEST)
 
     return router
 
@@ -68,6 +81,7 @@ class HttpMetrics:
             "http_server_active_requests",
             "HTTP requests being served now.",
             registry=registry,
+            multiprocess_mode="livesum",  # the processes' sum; a stopped one counts no more
         )
         self.client_aborts = Counter(
             "http_server_client_aborts",

@@ -1,6 +1,13 @@
-"""ASGI entry point: ``uvicorn user_service.main:app --port 8000``."""
+"""ASGI entry point: ``uvicorn user_service.main:app --port 8000`` (``WEB_CONCURRENCY=N``: N
+processes, whose metrics add up: shared/multiprocess.py)."""
 
-from shared.heap import freeze_once_started
-from user_service.app import create_app
+from shared.multiprocess import share_metrics_across_processes
 
-app = freeze_once_started(create_app())
+# First: prometheus_client, imported by the app, chooses its mode once, on import.
+share_metrics_across_processes("user_service")
+
+from shared.heap import freeze_once_started  # noqa: E402
+from shared.multiprocess import mark_dead_on_shutdown  # noqa: E402
+from user_service.app import create_app  # noqa: E402
+
+app = mark_dead_on_shutdown(freeze_once_started(create_app()))
