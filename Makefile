@@ -2,6 +2,7 @@
 #   make up | down | logs            the stack with docker compose
 #   make run-local                   the same processes on this machine, without Docker
 #   make test                        the whole test suite
+#   make deadletters ARGS="list"     the dead-letter tool (list | replay | purge; --help)
 #   make buildx-builder                                once: a builder for multi-platform images
 #   make docker-build SERVICE=worker VERSION=1.2.0     one service, linux/amd64 + linux/arm64
 #   make docker-build-all VERSION=1.2.0                every service
@@ -21,7 +22,7 @@ port_gateway := 8080
 port_worker := 9000
 port_migrate := 8000
 
-.PHONY: up down logs run-local test check jwt-key docker-build docker-build-all docker-push \
+.PHONY: up down logs run-local test check deadletters jwt-key docker-build docker-build-all docker-push \
 	docker-push-all benchmark buildx-builder _require-service
 
 up:
@@ -41,6 +42,10 @@ test:
 
 benchmark:
 	./scripts/benchmark
+
+# Against the broker and database of RABBITMQ_URL and DATABASE_URL (or .env).
+deadletters:
+	.venv/bin/python -m deadletters $(ARGS)
 
 check:
 	bash .ci/run

@@ -51,9 +51,16 @@ ensure_services() {
     rabbitmq-server -detached
     wait_for 120 RabbitMQ rabbitmq-diagnostics -q check_running
   fi
+  # The UI and HTTP API on :15672, and the shovel behind the UI's "Move messages".
+  local enabled
+  enabled=$(rabbitmq-plugins list --enabled --minimal 2>/dev/null || true)
+  if ! grep -qx rabbitmq_shovel_management <<<"$enabled" \
+    || ! grep -qx rabbitmq_management <<<"$enabled"; then
+    log "enabling the RabbitMQ management and shovel plugins"
+    rabbitmq-plugins enable --quiet rabbitmq_management rabbitmq_shovel \
+      rabbitmq_shovel_management >/dev/null
+  fi
   if ! curl -fsu guest:guest http://127.0.0.1:15672/api/overview >/dev/null 2>&1; then
-    log "enabling the RabbitMQ management plugin (UI and HTTP API on :15672)"
-    rabbitmq-plugins enable --quiet rabbitmq_management >/dev/null
     wait_for 60 "RabbitMQ management API" curl -fsu guest:guest http://127.0.0.1:15672/api/overview
   fi
 }

@@ -13,7 +13,7 @@ import sys
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from itertools import islice
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from opentelemetry import trace
 from opentelemetry.trace import SpanContext
@@ -113,9 +113,10 @@ def _access_fields(args: tuple[Any, ...]) -> dict[str, Any]:
     }
 
 
-def configure_logging(settings: CommonSettings) -> None:
-    """Route every logger (uvicorn's too) through one JSON handler on stdout. Idempotent."""
-    handler = logging.StreamHandler(sys.stdout)
+def configure_logging(settings: CommonSettings, stream: TextIO | None = None) -> None:
+    """Route every logger (uvicorn's too) through one JSON handler on ``stream`` (stdout; a
+    command-line tool, whose output is on stdout, logs to stderr). Idempotent."""
+    handler = logging.StreamHandler(stream or sys.stdout)
     handler.setFormatter(JsonFormatter(settings.service_name))
     handler.set_name(_HANDLER_NAME)
     root = logging.getLogger()

@@ -1,0 +1,1 @@
+"""``deadletters``: what an operator does with ``campaign.deadletter`` (list, replay, purge)."""

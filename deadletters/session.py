@@ -1,0 +1,230 @@
+"""A session on ``campaign.deadletter``: read it without disturbing it, take messages out.
+
+The session reads the queue from its head with ``basic.get`` on a channel of its own, holding
+each message unacknowledged. Nothing read is removed unless the session acknowledges it (after a
+replay's publish is confirmed, after a purge's rows are committed); when the session ends, its
+channel closes and the broker puts every message still held back where it was, in its order.
+A crash at any point therefore duplicates at worst (a replay published, its original not yet
+removed), and never loses a message.
+
+On RabbitMQ 4 a message returned by a closing channel is not counted as a delivery; RabbitMQ 3
+counts it in ``x-delivery-count``, against the dead-letter queue's limit of a million
+(``shared.messaging.DEAD_LETTER_DELIVERY_LIMIT``), which no operator reaches. RabbitMQ 3 also
+puts returned messages at the back of the queue: the order is kept because a session reads the
+whole queue, up to ``DEADLETTERS_SCAN_MAX`` messages (past that, the ones read go behind the
+rest, and the tool says so).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+from aio_pika.exceptions import ChannelNotFoundEntity
+from faststream.rabbit import RabbitBroker
+from opentelemetry import context, propagate
+from sqlalchemy import bindparam, text
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.types import Integer, String, Uuid
+
+from deadletters.letters import DeadLetter, Selection
+from shared.logs import log_context
+from shared.messaging import (
+    BROKER_DEATH_HEADERS,
+    DEAD_LETTER_MARK_HEADER,
+    DEAD_LETTER_QUEUE,
+    WORKER_QUEUE_NAME,
+    publish_confirmed,
+)
+
+logger = logging.getLogger(__name__)
+
+# The trace context travels as the replay's own publish span (FastStream's telemetry makes it,
+# a child of the message's context): the old one is not sent on.
+_TRACE_HEADERS = frozenset({"traceparent", "tracestate", "baggage"})
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """A message read and held by the session, and what it says."""
+
+    message: AbstractIncomingMessage
+    letter: DeadLetter
+
+
+@dataclass(frozen=True, slots=True)
+class Scan:
+    matching: list[Held]
+    scanned: int
+    complete: bool  # False: stopped at the scan limit, more wait behind
+
+
+class QueueMissing(Exception):
+    """``campaign.deadletter`` does not exist on the broker's vhost."""
+
+
+class DeadLetterSession:
+    def __init__(self, channel: AbstractChannel, queue: AbstractQueue) -> None:
+        self._channel = channel
+        self._queue = queue
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(cls, broker: RabbitBroker) -> AsyncIterator[DeadLetterSession]:
+        """A session on a channel of the broker's connection; ``campaign.deadletter`` must
+        exist (it is looked up, never declared: listing changes nothing)."""
+        connection = await broker.connect()
+        channel = await connection.channel(publisher_confirms=False)
+        try:
+            try:
+                queue = await channel.get_queue(DEAD_LETTER_QUEUE.name, ensure=True)
+            except ChannelNotFoundEntity as exc:
+                raise QueueMissing(DEAD_LETTER_QUEUE.name) from exc
+            yield cls(channel, queue)
+        finally:
+            # Every message still held goes back to the queue, in its place.
+            with contextlib.suppress(Exception):
+                await channel.close()
+
+    async def scan(self, selection: Selection, *, scan_max: int, limit: int | None) -> Scan:
+        """Read from the head until the queue has nothing more ready or ``scan_max`` messages
+        have been read; every message read stays held. The first ``limit`` that match are the
+        scan's.
+
+        The whole queue is read even when ``limit`` are found: RabbitMQ 3 puts a returned
+        message at the back of a quorum queue, so only a session that holds every message
+        gives them all back in their order."""
+        matching: list[Held] = []
+        scanned = 0
+        while scanned < scan_max:
+            message = await self._queue.get(no_ack=False, fail=False)
+            if message is None:
+                return Scan(matching, scanned, complete=True)
+            scanned += 1
+            letter = DeadLetter.read(message)
+            if selection.matches(letter) and (limit is None or len(matching) < limit):
+                matching.append(Held(message, letter))
+        return Scan(matching, scanned, complete=False)
+
+
+def replay_headers(message: AbstractIncomingMessage) -> dict[str, Any]:
+    """The message's own headers, without the broker's dead-letter history or the old trace
+    context, and marked as dead-lettered: in the worker's queue, a replay (a new round of
+    attempts), whoever dead-lettered it (the worker, or the broker at the delivery limit)."""
+    kept: dict[str, Any] = {
+        name: value
+        for name, value in message.headers.items()
+        if name not in BROKER_DEATH_HEADERS and name not in _TRACE_HEADERS
+    }
+    return kept | {DEAD_LETTER_MARK_HEADER: True}
+
+
+async def replay(
+    held: Sequence[Held],
+    *,
+    broker: RabbitBroker,
+    confirm_seconds: float,
+    on_replayed: Callable[[DeadLetter], None] = lambda _: None,
+) -> int:
+    """Send each message back to ``worker.campaign.created`` (confirmed), then remove it from
+    the dead-letter queue; in order, one at a time, stopping at the first failure. Returns how
+    many were replayed."""
+    replayed = 0
+    for item in held:
+        message, letter = item.message, item.letter
+        token = context.attach(propagate.extract(message.headers))
+        try:
+            with log_context(
+                event_id=letter.event_id,
+                tenant_id=letter.tenant_id,
+                campaign_id=letter.campaign_id,
+                message_id=letter.message_id,
+            ):
+                await publish_confirmed(
+                    broker,
+                    message.body,
+                    exchange="",
+                    routing_key=WORKER_QUEUE_NAME,
+                    confirm_seconds=confirm_seconds,
+                    message_id=message.message_id,
+                    correlation_id=message.correlation_id,
+                    message_type=message.type,
+                    content_type=message.content_type,
+                    content_encoding=message.content_encoding,
+                    timestamp=message.timestamp,
+                    headers=replay_headers(message),
+                )
+                await message.ack()
+                # In the campaign's trace (trace_id on the line): the trace goes on from here.
+                logger.info("dead letter replayed", extra={"attempts": letter.attempts})
+        finally:
+            context.detach(token)
+        replayed += 1
+        on_replayed(letter)
+    return replayed
+
+
+@dataclass(frozen=True, slots=True)
+class Purged:
+    removed: int
+    # Events that got a `failed` row with the reason "purged"; the others had a final row
+    # already, or are not a valid event of a campaign of their tenant (nothing to record).
+    recorded: int
+
+
+# A `failed` row for a purged event of a campaign of its own tenant, unless the event already
+# has a final row (its last attempt's `failed`, or a `success`).
+_RECORD_PURGED = text(
+    """
+    INSERT INTO campaign_job_logs
+        (campaign_id, tenant_id, event_id, status, payload, attempts, last_error)
+    SELECT c.id, c.tenant_id, :event_id, 'failed', CAST(:payload AS jsonb), :attempts, 'purged'
+    FROM campaigns AS c
+    WHERE c.id = :campaign_id AND c.tenant_id = :tenant_id
+      AND NOT EXISTS (
+          SELECT 1 FROM campaign_job_logs AS l
+          WHERE l.event_id = :event_id AND l.status IN ('success', 'failed')
+      )
+    ON CONFLICT DO NOTHING
+    """
+).bindparams(
+    bindparam("event_id", type_=Uuid()),
+    bindparam("campaign_id", type_=Uuid()),
+    bindparam("tenant_id", type_=String()),
+    bindparam("payload", type_=String()),
+    bindparam("attempts", type_=Integer()),
+)
+
+
+async def purge(
+    held: Sequence[Held],
+    *,
+    engine: AsyncEngine,
+    on_purged: Callable[[DeadLetter], None] = lambda _: None,
+) -> Purged:
+    """Record the purged events (one transaction), then remove their messages."""
+    recorded = 0
+    async with engine.begin() as connection:
+        for item in held:
+            event = item.letter.event
+            if event is None:
+                continue
+            result = await connection.execute(
+                _RECORD_PURGED,
+                {
+                    "event_id": event.event_id,
+                    "campaign_id": event.campaign_id,
+                    "tenant_id": event.tenant_id,
+                    "payload": event.model_dump_json(),
+                    "attempts": max(item.letter.attempts or 1, 1),
+                },
+            )
+            recorded += result.rowcount
+    for item in held:
+        await item.message.ack()
+        on_purged(item.letter)
+    return Purged(removed=len(held), recorded=recorded)
