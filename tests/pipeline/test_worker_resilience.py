@@ -329,7 +329,9 @@ class TestDatabaseOutage:
         stopped_outcomes = await outcomes(worker)
         db_proxy.up()
 
-        assert stopped_outcomes["requeued"] == 1
+        # Given back at least once: the broker may hand it over again before the consumer's
+        # cancel reaches it, and the stopping worker gives it back again.
+        assert stopped_outcomes["requeued"] >= 1
         assert await rabbit_admin.peek(vhost, "campaign.deadletter") == []
         messages = await rabbit_admin.peek(vhost, "worker.campaign.created")
         assert [json.loads(m["payload"])["campaign_id"] for m in messages] == [campaign["id"]]
