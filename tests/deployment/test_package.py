@@ -1,5 +1,5 @@
 """The project as an installable package: a wheel built from what the image's build context holds
-(.dockerignore), with the five packages, the migration scripts and the two console scripts, and
+(.dockerignore), with the six packages, the migration scripts and the three console scripts, and
 working from outside the source tree. Offline: the build backend comes from the virtual
 environment (setuptools, in the dev extra), nothing is downloaded."""
 
@@ -19,10 +19,11 @@ import pytest
 
 from tests.support.processes import ROOT
 
-PACKAGES = ("shared", "user_service", "campaign_service", "worker", "gateway")
+PACKAGES = ("shared", "user_service", "campaign_service", "worker", "gateway", "deadletters")
 CONSOLE_SCRIPTS = {
     "campaign-worker": "worker.__main__:main",
     "campaign-migrate": "shared.migrate:main",
+    "deadletters": "deadletters.cli:main",
 }
 # What .dockerignore may exclude inside the folders it lets in.
 CONTEXT_EXCLUDES = ("__pycache__", "*.pyc")
@@ -104,7 +105,7 @@ class TestWheel:
         assert (name, version) == (project["name"].replace("-", "_"), project["version"])
         assert platform == "any"
 
-    def test_holds_the_five_packages_and_nothing_else(self, wheel: Path) -> None:
+    def test_holds_the_six_packages_and_nothing_else(self, wheel: Path) -> None:
         files = recorded_files(wheel)
         top_level = {name.split("/")[0] for name in files} - {
             name.split("/")[0] for name in files if ".dist-info/" in name
