@@ -147,7 +147,10 @@ class TestRetries:
         assert message_headers[ERROR_TYPE_HEADER] == "SimulatedFailure"
         assert f"attempt {TEST_MAX_ATTEMPTS}" in message_headers[ERROR_MESSAGE_HEADER]
         [death] = message_headers["x-death"]
-        assert (death["queue"], death["reason"]) == ("worker.campaign.created.dead-letter", "expired")
+        assert (death["queue"], death["reason"]) == (
+            "worker.campaign.created.dead-letter",
+            "expired",
+        )
 
 
 class TestPoison:
