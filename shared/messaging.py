@@ -24,8 +24,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, cast
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 from faststream.rabbit import (
     Channel,
@@ -142,6 +145,23 @@ def retry_queue(delay_seconds: float) -> RabbitQueue:
     )
 
 
+def connection_name(app_id: str) -> str:
+    """The name this process gives its connections (the "client-provided name" in the RabbitMQ
+    UI and ``rabbitmqctl list_connections``). Behind a load balancer every connection comes from
+    the balancer's address: the name is what tells which process holds it."""
+    return f"{app_id}@{socket.gethostname()} pid {os.getpid()}"
+
+
+def named_url(url: str, name: str) -> str:
+    """``url`` with the connection name ``name`` (aiormq's ``name`` query parameter), unless
+    the URL names its connections already."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    if any(key == "name" for key, _ in query):
+        return url
+    return urlunsplit(parts._replace(query=urlencode([*query, ("name", name)], quote_via=quote)))
+
+
 def create_broker(
     url: str,
     *,
@@ -151,13 +171,14 @@ def create_broker(
     middlewares: Sequence[Any] = (),
     apply_types: bool = True,
 ) -> RabbitBroker:
-    """One broker per process: publisher confirms on, unroutable ``mandatory`` messages raise.
+    """One broker per process: publisher confirms on, unroutable ``mandatory`` messages raise,
+    connections named after the process (:func:`connection_name`).
 
     ``apply_types=False`` turns FastStream's dependency injection off (FastDepends resolves
     context parameters in a thread pool, several thread hops per message).
     """
     return RabbitBroker(
-        url,
+        named_url(url, connection_name(app_id)),
         default_channel=Channel(publisher_confirms=True, on_return_raises=True),
         graceful_timeout=graceful_timeout,
         middlewares=middlewares,
