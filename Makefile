@@ -1,5 +1,6 @@
 # The README's commands, and container images.
 #   make up | down | logs            the stack with docker compose
+#   make up-cluster | down-cluster   the same on a three-node RabbitMQ cluster (docs/cluster.md)
 #   make run-local                   the same processes on this machine, without Docker
 #   make test                        the whole test suite
 #   make deadletters ARGS="list"     the dead-letter tool (list | replay | purge; --help)
@@ -23,7 +24,7 @@ port_worker := 9000
 port_migrate := 8000
 
 .PHONY: up down logs run-local test check deadletters jwt-key docker-build docker-build-all docker-push \
-	docker-push-all benchmark buildx-builder _require-service
+	docker-push-all benchmark buildx-builder _require-service up-cluster down-cluster
 
 up:
 	docker compose up --build --detach
@@ -33,6 +34,14 @@ down:
 
 logs:
 	docker compose logs --follow
+
+CLUSTER_COMPOSE := docker compose -f docker-compose.yml -f docker-compose.cluster.yml
+
+up-cluster:
+	$(CLUSTER_COMPOSE) up --build --detach
+
+down-cluster:
+	$(CLUSTER_COMPOSE) down
 
 run-local:
 	./scripts/run-local
