@@ -94,6 +94,16 @@ ensure_nginx() {  # the edge in front of the gateway (Debian's package; nginx/ed
   fi
 }
 
+ensure_haproxy() {  # the RabbitMQ cluster's load balancer in tests/cluster (Debian's package)
+  if ! command -v haproxy >/dev/null 2>&1 && [ ! -x /usr/sbin/haproxy ]; then
+    log "installing haproxy (Debian package)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq --no-install-recommends haproxy >/dev/null 2>&1 || {
+      apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends haproxy >/dev/null
+    }
+  fi
+}
+
 # The edge's limits, with the issue's defaults; each one an environment variable.
 EDGE_VARIABLES='${EDGE_LISTEN} ${EDGE_UPSTREAM} ${EDGE_RUN_DIR} ${EDGE_TEMP_DIR} ${EDGE_WORKER_PROCESSES}
 ${EDGE_WORKER_CONNECTIONS} ${EDGE_MAX_CONNECTIONS} ${EDGE_HEADER_TIMEOUT} ${EDGE_BODY_TIMEOUT}

@@ -101,9 +101,17 @@ class PrivateRabbitNode:
     removed at the end.
     """
 
-    def __init__(self, *, port: int, dist_port: int, extra_config: str = "") -> None:
+    def __init__(
+        self,
+        *,
+        port: int,
+        dist_port: int,
+        extra_config: str = "",
+        name: str | None = None,
+        advanced_config: str | None = None,
+    ) -> None:
         self.port = port
-        self.name = f"rabbit-test-{uuid.uuid4().hex[:8]}@localhost"
+        self.name = name or f"rabbit-test-{uuid.uuid4().hex[:8]}@localhost"
         self.url = f"amqp://guest:guest@127.0.0.1:{port}/"
         self._dir = Path(tempfile.mkdtemp(prefix="rabbit-node-"))
         for sub in ("mnesia", "log"):
@@ -112,6 +120,8 @@ class PrivateRabbitNode:
         (self._dir / "rabbitmq.conf").write_text(
             f"{extra_config}\nlisteners.tcp.default = 127.0.0.1:{port}\nloopback_users = none\n"
         )
+        if advanced_config is not None:
+            (self._dir / "advanced.config").write_text(advanced_config)
         shutil.chown(self._dir, "rabbitmq", "rabbitmq")
         for path in self._dir.rglob("*"):
             shutil.chown(path, "rabbitmq", "rabbitmq")
@@ -125,17 +135,33 @@ class PrivateRabbitNode:
             "RABBITMQ_ENABLED_PLUGINS_FILE": str(self._dir / "enabled_plugins"),
             "RABBITMQ_CONFIG_FILE": str(self._dir / "rabbitmq"),
         }
+        if advanced_config is not None:
+            self._env["RABBITMQ_ADVANCED_CONFIG_FILE"] = str(self._dir / "advanced.config")
+
+    @property
+    def log_dir(self) -> Path:
+        return self._dir / "log"
 
     async def _run(self, *args: str, timeout: float = 120) -> None:
+        await self.output(*args, timeout=timeout)
+
+    async def output(self, *args: str, timeout: float = 120) -> str:
+        """Run a command (``rabbitmqctl -n NAME …``) in this node's environment; its stdout."""
         process = await asyncio.create_subprocess_exec(
             *args,
             env=self._env,
-            stdout=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
-        _, stderr = await asyncio.wait_for(process.communicate(), timeout)
+        try:
+            stdout, stderr = await asyncio.wait_for(process.communicate(), timeout)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+            raise RuntimeError(f"{' '.join(args)} did not finish in {timeout}s") from None
         if process.returncode != 0:
             raise RuntimeError(f"{' '.join(args)} failed: {stderr.decode()[-2000:]}")
+        return stdout.decode()
 
     async def start(self) -> None:
         await self._run("rabbitmq-server", "-detached")
