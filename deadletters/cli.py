@@ -34,6 +34,7 @@ from aio_pika.exceptions import AMQPError
 from faststream.rabbit import RabbitBroker
 from opentelemetry.sdk.trace import TracerProvider
 from pydantic import ValidationError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from deadletters.letters import DeadLetter, Selection
@@ -150,7 +151,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = DeadLetterSettings()
     except ValidationError as exc:
-        print(f"deadletters: invalid settings: {exc}", file=sys.stderr)
+        # What is wrong and where, never the values (a URL holds a password).
+        for error in exc.errors(include_input=False, include_url=False):
+            where = ".".join(str(part) for part in error["loc"]) or "settings"
+            print(f"deadletters: invalid settings: {where}: {error['msg']}", file=sys.stderr)
         return EXIT_CONFIG
     configure_logging(settings, stream=sys.stderr)
     provider = configure_tracing(settings.service_name)
@@ -213,6 +217,15 @@ async def _run(
             raise Unavailable(
                 f"there is no {exc} queue on this broker's vhost (the worker declares it when it "
                 "starts)"
+            ) from exc
+        except (TimeoutError, OSError, AMQPError) as exc:
+            # Whatever was read and not removed goes back to the queue with the connection.
+            where = _where(settings.rabbitmq_url)
+            raise Unavailable(f"lost RabbitMQ at {where}: {exc!r}") from exc
+        except DBAPIError as exc:
+            where = _where(settings.database_url)
+            raise Unavailable(
+                f"PostgreSQL at {where} failed: {type(exc.orig).__name__}; nothing was removed"
             ) from exc
     finally:
         await broker.stop()
@@ -294,7 +307,7 @@ def _print_letters(letters: Sequence[DeadLetter], out: TextIO, *, as_json: bool)
         out.write("\n")
         return
     rows = [
-        [_cell(letter.as_json()[column]) for column in _COLUMNS] + [letter.error_message or ""]
+        [_cell(letter.as_json()[column]) for column in _COLUMNS] + [_cell(letter.error_message)]
         for letter in letters
     ]
     header = [*(column.upper() for column in _COLUMNS), "ERROR"]
@@ -306,4 +319,8 @@ def _print_letters(letters: Sequence[DeadLetter], out: TextIO, *, as_json: bool)
 
 
 def _cell(value: object) -> str:
-    return "-" if value is None else str(value)
+    """A value as a table cell: control characters (a header's newline or terminal escape)
+    shown escaped, so no message can forge a row or drive the terminal."""
+    if value is None:
+        return "-"
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(value))

@@ -26,8 +26,8 @@ _MESSAGE_LIMIT = 1000
 def _text(value: Any, limit: int = _FIELD_LIMIT) -> str | None:
     if value is None:
         return None
-    if isinstance(value, bytes):
-        value = value.decode("utf-8", "replace")
+    if isinstance(value, bytes | bytearray):
+        value = bytes(value).decode("utf-8", "replace")
     return str(value)[:limit]
 
 

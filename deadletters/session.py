@@ -28,24 +28,25 @@ from aio_pika.exceptions import ChannelNotFoundEntity
 from faststream.rabbit import RabbitBroker
 from opentelemetry import context, propagate
 from sqlalchemy import bindparam, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.types import Integer, String, Uuid
 
 from deadletters.letters import DeadLetter, Selection
+from shared.db import values_refused
 from shared.logs import log_context
 from shared.messaging import (
-    BROKER_DEATH_HEADERS,
+    ATTEMPT_HEADER,
+    ATTEMPT_LIMIT,
     DEAD_LETTER_MARK_HEADER,
     DEAD_LETTER_QUEUE,
+    ERROR_MESSAGE_HEADER,
+    ERROR_TYPE_HEADER,
     WORKER_QUEUE_NAME,
     publish_confirmed,
 )
 
 logger = logging.getLogger(__name__)
-
-# The trace context travels as the replay's own publish span (FastStream's telemetry makes it,
-# a child of the message's context): the old one is not sent on.
-_TRACE_HEADERS = frozenset({"traceparent", "tracestate", "baggage"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,16 +112,25 @@ class DeadLetterSession:
         return Scan(matching, scanned, complete=False)
 
 
-def replay_headers(message: AbstractIncomingMessage) -> dict[str, Any]:
-    """The message's own headers, without the broker's dead-letter history or the old trace
-    context, and marked as dead-lettered: in the worker's queue, a replay (a new round of
-    attempts), whoever dead-lettered it (the worker, or the broker at the delivery limit)."""
-    kept: dict[str, Any] = {
-        name: value
-        for name, value in message.headers.items()
-        if name not in BROKER_DEATH_HEADERS and name not in _TRACE_HEADERS
+def replay_headers(letter: DeadLetter) -> dict[str, Any]:
+    """The worker's headers, made again from what the dead letter says (bounded, of the types
+    the worker writes: a header of any other type or size is not sent on), marked as
+    dead-lettered: in the worker's queue, a replay (a new round of attempts), whoever
+    dead-lettered it (the worker, or the broker at the delivery limit). Not the broker's
+    ``x-death``, nor the old trace context (the replay's publish span continues the trace)."""
+    return {
+        ATTEMPT_HEADER: min(max(letter.attempts or 1, 1), ATTEMPT_LIMIT + 1),
+        ERROR_TYPE_HEADER: letter.error_type or "",
+        ERROR_MESSAGE_HEADER: letter.error_message or "",
+        DEAD_LETTER_MARK_HEADER: True,
     }
-    return kept | {DEAD_LETTER_MARK_HEADER: True}
+
+
+def _trace_context(message: AbstractIncomingMessage) -> context.Context:
+    try:
+        return propagate.extract(message.headers)
+    except Exception:  # a traceparent that is not text: the replay starts a trace of its own
+        return context.Context()
 
 
 async def replay(
@@ -136,7 +146,7 @@ async def replay(
     replayed = 0
     for item in held:
         message, letter = item.message, item.letter
-        token = context.attach(propagate.extract(message.headers))
+        token = context.attach(_trace_context(message))
         try:
             with log_context(
                 event_id=letter.event_id,
@@ -156,7 +166,7 @@ async def replay(
                     content_type=message.content_type,
                     content_encoding=message.content_encoding,
                     timestamp=message.timestamp,
-                    headers=replay_headers(message),
+                    headers=replay_headers(letter),
                 )
                 await message.ack()
                 # In the campaign's trace (trace_id on the line): the trace goes on from here.
@@ -177,7 +187,8 @@ class Purged:
 
 
 # A `failed` row for a purged event of a campaign of its own tenant, unless the event already
-# has a final row (its last attempt's `failed`, or a `success`).
+# has a final row: a `success`, or the `failed` of its last round (a round that ended at the
+# broker's delivery limit has none: the purge gives it one).
 _RECORD_PURGED = text(
     """
     INSERT INTO campaign_job_logs
@@ -187,7 +198,8 @@ _RECORD_PURGED = text(
     WHERE c.id = :campaign_id AND c.tenant_id = :tenant_id
       AND NOT EXISTS (
           SELECT 1 FROM campaign_job_logs AS l
-          WHERE l.event_id = :event_id AND l.status IN ('success', 'failed')
+          WHERE l.event_id = :event_id
+            AND (l.status = 'success' OR (l.status = 'failed' AND l.attempts >= :attempts))
       )
     ON CONFLICT DO NOTHING
     """
@@ -206,23 +218,35 @@ async def purge(
     engine: AsyncEngine,
     on_purged: Callable[[DeadLetter], None] = lambda _: None,
 ) -> Purged:
-    """Record the purged events (one transaction), then remove their messages."""
+    """Record the purged events (one transaction), then remove their messages. An event whose
+    values the database refuses (a NUL character in its name, say) is removed unrecorded, as a
+    body that is no event is."""
     recorded = 0
     async with engine.begin() as connection:
         for item in held:
             event = item.letter.event
             if event is None:
                 continue
-            result = await connection.execute(
-                _RECORD_PURGED,
-                {
-                    "event_id": event.event_id,
-                    "campaign_id": event.campaign_id,
-                    "tenant_id": event.tenant_id,
-                    "payload": event.model_dump_json(),
-                    "attempts": max(item.letter.attempts or 1, 1),
-                },
-            )
+            try:
+                async with connection.begin_nested():
+                    result = await connection.execute(
+                        _RECORD_PURGED,
+                        {
+                            "event_id": event.event_id,
+                            "campaign_id": event.campaign_id,
+                            "tenant_id": event.tenant_id,
+                            "payload": event.model_dump_json(),
+                            "attempts": min(max(item.letter.attempts or 1, 1), ATTEMPT_LIMIT),
+                        },
+                    )
+            except DBAPIError as exc:
+                if not values_refused(exc):
+                    raise
+                logger.warning(
+                    "the database refuses this event's values; purged without a row",
+                    extra={"event_id": item.letter.event_id, "error": repr(exc.orig)},
+                )
+                continue
             recorded += result.rowcount
     for item in held:
         await item.message.ack()

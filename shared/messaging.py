@@ -26,7 +26,7 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, cast
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
@@ -103,11 +103,17 @@ DEAD_LETTER_PARKING_QUEUE = RabbitQueue(
 # new round of WORKER_MAX_ATTEMPTS attempts, numbered on from where the last round ended.
 ATTEMPT_HEADER = "x-attempt"
 ROUND_HEADER = "x-round-first-attempt"
+# An attempt number past this is no count of ours: the message is poison.
+ATTEMPT_LIMIT = 1_000_000
 ERROR_TYPE_HEADER = "x-last-error-type"
 ERROR_MESSAGE_HEADER = "x-last-error-message"
-# On every message the worker dead-letters (its name is older than the parking queue; messages
-# dead-lettered by earlier versions carry it too). Back in the worker's queue, a replay.
-DEAD_LETTER_MARK_HEADER = "x-dead-letter-requested"
+# On every message the worker dead-letters. Back in the worker's queue: a replay.
+DEAD_LETTER_MARK_HEADER = "x-dead-lettered"
+# What earlier versions marked the copy with that they sent through the worker's own queue, to be
+# rejected into the dead-letter exchange on arrival. Such a copy with no death record is still
+# on its way (a deploy caught it in the queue) and is rejected as they did; one with a record of
+# its death was moved back by an operator: a replay.
+LEGACY_DEAD_LETTER_MARK_HEADER = "x-dead-letter-requested"
 # What the broker adds to a dead-lettered message: its history there, never sent on by us.
 BROKER_DEATH_HEADERS = frozenset(
     {
@@ -121,6 +127,26 @@ BROKER_DEATH_HEADERS = frozenset(
         "x-last-death-reason",
     }
 )
+
+
+def died_into_dead_letters(headers: Mapping[str, Any]) -> bool:
+    """Whether the broker's death record says the message has been in ``campaign.deadletter``
+    (dead-lettered from the worker's queue, rejected or past the delivery limit, or from the
+    parking queue), as opposed to a retry's pass through a delay queue."""
+    deaths = headers.get("x-death")
+    if not isinstance(deaths, list):
+        return False
+    return any(
+        isinstance(death, Mapping)
+        and (
+            death.get("queue") == DEAD_LETTER_PARKING_QUEUE.name
+            or (
+                death.get("queue") == WORKER_QUEUE_NAME
+                and death.get("reason") in ("rejected", "delivery_limit")
+            )
+        )
+        for death in deaths
+    )
 
 
 def retry_queue(delay_seconds: float) -> RabbitQueue:

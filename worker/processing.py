@@ -21,10 +21,12 @@ the error's type and message, the attempt count and the dead-letter mark, confir
 the original. That queue expires every message at once into ``campaign.deadletter``, which adds
 ``x-death``.
 
-Replays: a marked message arriving here was sent back from ``campaign.deadletter`` by an
-operator (``deadletters replay``, or the RabbitMQ UI's "Move messages"). It starts a new round
-of ``WORKER_MAX_ATTEMPTS`` attempts, numbered on from the attempt it died at, so its rows
-continue the campaign's job log; an event that already succeeded is acknowledged unrun.
+Replays: a message arriving here with the dead-letter mark, or with the broker's record of a
+death into ``campaign.deadletter``, was sent back by an operator (``deadletters replay``, or the
+RabbitMQ UI's "Move messages"). It starts a new round of ``WORKER_MAX_ATTEMPTS`` attempts,
+numbered on from the attempt it died at, so its rows continue the campaign's job log; an event
+that already succeeded is acknowledged unrun. A copy marked by an earlier version for rejection
+(and not yet dead) is rejected as that version would have.
 
 The attempt count lives in ``x-attempt``, the round's first attempt in ``x-round-first-attempt``;
 the broker's ``x-death`` is never copied onto a republished message (a broker drops a message it
@@ -57,11 +59,14 @@ from shared.events import CampaignCreated
 from shared.logs import log_context, trace_fields
 from shared.messaging import (
     ATTEMPT_HEADER,
+    ATTEMPT_LIMIT,
     DEAD_LETTER_MARK_HEADER,
     DEAD_LETTER_PARKING_QUEUE,
     ERROR_MESSAGE_HEADER,
     ERROR_TYPE_HEADER,
+    LEGACY_DEAD_LETTER_MARK_HEADER,
     ROUND_HEADER,
+    died_into_dead_letters,
     publish_confirmed,
     retry_queue,
 )
@@ -82,12 +87,12 @@ class PoisonMessage(Exception):
 
 
 def _counter(value: Any) -> int:
-    """A header's positive count; 1 for anything else."""
+    """A header's positive count; 1 for anything else, and at most one past ATTEMPT_LIMIT."""
     try:
         count = int(value)
     except (TypeError, ValueError, OverflowError):  # not a number, or an infinite float
         return 1
-    return max(count, 1)
+    return min(max(count, 1), ATTEMPT_LIMIT + 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,18 +101,29 @@ class Round:
 
     attempt: int
     first: int
-    replayed: bool  # a dead letter sent back by an operator: the first attempt of a new round
+    # A dead letter sent back by an operator: the first attempt of a new round.
+    replayed: bool = False
+    # An earlier version's copy on its way to the dead-letter exchange: rejected, not run.
+    legacy_copy: bool = False
 
     def number(self) -> int:
         """The attempt's place in its round (from 1)."""
         return self.attempt - self.first + 1
 
+    @property
+    def out_of_range(self) -> bool:
+        return self.attempt > ATTEMPT_LIMIT
+
 
 def round_of(headers: dict[str, Any]) -> Round:
     attempt = _counter(headers.get(ATTEMPT_HEADER, 1))
-    if headers.get(DEAD_LETTER_MARK_HEADER):
+    if attempt > ATTEMPT_LIMIT:
+        return Round(attempt, attempt)
+    if headers.get(DEAD_LETTER_MARK_HEADER) or died_into_dead_letters(headers):
         return Round(attempt + 1, attempt + 1, replayed=True)
-    return Round(attempt, min(_counter(headers.get(ROUND_HEADER, 1)), attempt), replayed=False)
+    if headers.get(LEGACY_DEAD_LETTER_MARK_HEADER):
+        return Round(attempt, attempt, legacy_copy=True)
+    return Round(attempt, min(_counter(headers.get(ROUND_HEADER, 1)), attempt))
 
 
 def describe(error: BaseException) -> tuple[str, str]:
@@ -270,8 +286,17 @@ class CampaignProcessor:
             # delivers it again on the new channel, so doing its work now would do it twice.
             delivery.settled = True
             return False
+        if delivery.round.legacy_copy:
+            # Dead-lettered by an earlier version, caught in the queue by a deploy: finish its way.
+            await _reject(delivery)
+            self._metrics.dead_lettered.inc()
+            return False
+        if delivery.round.out_of_range:
+            delivery.outcome = Outcome.POISON
+            delivery.error = describe(PoisonMessage(f"{ATTEMPT_HEADER} out of range"))
+            delivery.log(logging.ERROR, "attempt number out of range; dead-lettering")
+            return False
         if delivery.round.replayed:
-            self._metrics.replays.inc()
             delivery.span.set_attribute("campaign.replay", True)
             delivery.log(
                 logging.INFO,
@@ -471,6 +496,8 @@ class CampaignProcessor:
             for level, message, extra in delivery.lines:
                 logger.log(level, message, extra=about | extra)
         if delivery.outcome is not None:
+            if delivery.round.replayed and delivery.outcome is not Outcome.REQUEUED:
+                self._metrics.replays.inc()
             self._metrics.outcomes[delivery.outcome].inc()
             self._metrics.processing_duration.observe(elapsed)
             delivery.span.set_attribute("campaign.outcome", delivery.outcome.value)
@@ -510,6 +537,15 @@ class _scope:  # noqa: N801  (used as a function is: ``with _scope(delivery):``)
             self._log_context.__exit__(*exc_info)
         finally:
             context.detach(self._token)
+
+
+async def _reject(delivery: _Delivery) -> None:
+    """Reject without requeue: to the queue's dead-letter exchange."""
+    delivery.settled = True
+    try:
+        await delivery.message.reject(requeue=False)
+    except Exception as exc:  # the channel is gone: the broker redelivers the message
+        logger.warning("could not reject; the broker will redeliver", extra={"error": repr(exc)})
 
 
 async def _ack_all(batch: list[_Delivery]) -> None:

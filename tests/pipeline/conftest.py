@@ -9,6 +9,7 @@ from fastapi import FastAPI
 
 from campaign_service.app import create_app as create_campaign_app
 from campaign_service.settings import CampaignServiceSettings
+from shared.events import CampaignCreated
 from shared.settings import Environment
 from tests.support.campaigns import login_headers
 from tests.support.polling import eventually
@@ -108,3 +109,19 @@ async def headers(user_client: httpx.AsyncClient, tenant: str) -> dict[str, str]
 @pytest.fixture
 async def other_headers(user_client: httpx.AsyncClient, other_tenant: str) -> dict[str, str]:
     return await login_headers(user_client, other_tenant)
+
+
+@pytest.fixture
+def executions(monkeypatch: pytest.MonkeyPatch) -> list[CampaignCreated]:
+    """The events the worker executes (its simulated work), in order."""
+    import worker.processing
+    from worker.simulation import execute
+
+    seen: list[CampaignCreated] = []
+
+    async def recording(event: CampaignCreated, **kwargs: Any) -> None:
+        seen.append(event)
+        await execute(event, **kwargs)
+
+    monkeypatch.setattr(worker.processing, "execute", recording)
+    return seen

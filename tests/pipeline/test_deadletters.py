@@ -10,6 +10,7 @@ import os
 import sys
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
@@ -21,7 +22,13 @@ from fastapi import FastAPI
 
 from deadletters.letters import Selection
 from deadletters.session import DeadLetterSession, replay
-from shared.messaging import ATTEMPT_HEADER, create_broker
+from shared.events import CampaignCreated
+from shared.messaging import (
+    ATTEMPT_HEADER,
+    DEAD_LETTER_MARK_HEADER,
+    LEGACY_DEAD_LETTER_MARK_HEADER,
+    create_broker,
+)
 from tests.pipeline.conftest import make_worker_settings
 from tests.support.campaigns import create_campaign, jobs_of, steps, wait_for_jobs
 from tests.support.metrics import outcomes, value
@@ -244,9 +251,11 @@ class TestReplay:
         worker: FastAPI,
         amqp_url: str,
         deadletters: Any,
+        executions: list[CampaignCreated],
     ) -> None:
         campaign = await create_campaign(campaign_client, headers, "done already")
         [job] = await wait_for_jobs(campaign_client, headers, campaign["id"])
+        assert len(executions) == 1
         # A duplicate of its event sits in the dead-letter queue.
         async with await aio_pika.connect(amqp_url) as connection:
             channel = await connection.channel()
@@ -254,7 +263,7 @@ class TestReplay:
                 aio_pika.Message(
                     json.dumps(job["payload"]).encode(),
                     message_id=job["event_id"],
-                    headers={ATTEMPT_HEADER: 1, "x-dead-letter-requested": True},
+                    headers={ATTEMPT_HEADER: 1, DEAD_LETTER_MARK_HEADER: True},
                 ),
                 routing_key=DLQ,
             )
@@ -269,6 +278,7 @@ class TestReplay:
             timeout=10,
             what="the replay acknowledged as a duplicate",
         )
+        assert len(executions) == 1  # not run again
         assert steps(await jobs_of(campaign_client, headers, campaign["id"])) == [("success", 1)]
         await queue_is_empty(rabbit_admin, vhost)
 
@@ -318,6 +328,7 @@ class TestPurge:
         self,
         campaign_client: httpx.AsyncClient,
         headers: dict[str, str],
+        other_tenant: str,
         rabbit_admin: RabbitAdmin,
         vhost: str,
         amqp_url: str,
@@ -331,29 +342,71 @@ class TestPurge:
         await db.execute(
             "DELETE FROM campaign_job_logs WHERE event_id = $1", uuid.UUID(job["event_id"])
         )
+        # A duplicate of an event that succeeded, and an event claiming another tenant's campaign.
+        done = await create_campaign(campaign_client, headers, "done already")
+        [done_job] = await wait_for_jobs(campaign_client, headers, done["id"])
+        forged = {**job["payload"], "event_id": str(uuid.uuid4()), "tenant_id": other_tenant}
         async with await aio_pika.connect(amqp_url) as connection:
             channel = await connection.channel()
-            await channel.default_exchange.publish(
-                aio_pika.Message(json.dumps(job["payload"]).encode(), message_id=job["event_id"]),
-                routing_key=DLQ,
-            )
+            for payload, message_id in [
+                (job["payload"], job["event_id"]),
+                (done_job["payload"], done_job["event_id"]),
+                (forged, forged["event_id"]),
+            ]:
+                await channel.default_exchange.publish(
+                    aio_pika.Message(json.dumps(payload).encode(), message_id=message_id),
+                    routing_key=DLQ,
+                )
         await publish_raw(amqp_url, b"{not json", message_id="by-hand")
-        await dead_letter_ids(rabbit_admin, vhost, 3)
+        await dead_letter_ids(rabbit_admin, vhost, 5)
 
         unconfirmed = await deadletters("purge", "--all")
         assert unconfirmed.code == 2
         assert "--yes" in unconfirmed.stderr
-        assert len(await dead_letter_ids(rabbit_admin, vhost, 3)) == 3
+        assert len(await dead_letter_ids(rabbit_admin, vhost, 5)) == 5
         purged = await deadletters("purge", "--all", "--yes")
 
         assert purged.code == 0, purged.stderr
-        assert "purged 3 dead letter(s); 1 recorded as failed" in purged.stdout
+        assert "purged 5 dead letter(s); 1 recorded as failed" in purged.stdout
         await queue_is_empty(rabbit_admin, vhost)
         assert steps(await jobs_of(campaign_client, headers, campaign["id"])) == [("failed", 1)]
         [stuck] = await jobs_of(campaign_client, headers, campaign["id"])
         assert stuck["last_error"] == "purged"
-        # The dead-lettered campaign keeps its own final row and gets no second one.
+        # The dead-lettered campaign keeps its own final row and gets no second one; the one
+        # that succeeded stays a success; nothing is written for another tenant's campaign.
         assert steps(await jobs_of(campaign_client, headers, doomed)) == FAILED_ROUND
+        assert steps(await jobs_of(campaign_client, headers, done["id"])) == [("success", 1)]
+        forged_rows = await db.fetchval(
+            "SELECT count(*) FROM campaign_job_logs WHERE event_id = $1",
+            uuid.UUID(forged["event_id"]),
+        )
+        assert forged_rows == 0
+
+
+async def move_messages_back(rabbit_admin: RabbitAdmin, vhost: str) -> None:
+    """What the management UI's "Move messages" does (the shovel management plugin)."""
+    name = f"Move from {DLQ}"
+    response = await rabbit_admin.http.put(
+        f"/parameters/shovel/{quote(vhost, safe='')}/{quote(name, safe='')}",
+        json={
+            "component": "shovel",
+            "vhost": vhost,
+            "name": name,
+            "value": {
+                "src-uri": f"amqp:///{quote(vhost, safe='')}",
+                "src-queue": DLQ,
+                "src-protocol": "amqp091",
+                "src-prefetch-count": 1000,
+                "src-delete-after": "queue-length",
+                "dest-protocol": "amqp091",
+                "dest-uri": f"amqp:///{quote(vhost, safe='')}",
+                "dest-add-forward-headers": False,
+                "ack-mode": "on-confirm",
+                "dest-queue": "worker.campaign.created",
+            },
+        },
+    )
+    assert response.status_code in (201, 204), response.text
 
 
 class TestTheRabbitMQUI:
@@ -369,35 +422,136 @@ class TestTheRabbitMQUI:
         flaky, _ = await dead(campaign_client, headers, "flaky [fail:4]")
         first_traces = await trace_ids(db, flaky)
 
-        # What the management UI's "Move messages" does (the shovel management plugin).
-        name = f"Move from {DLQ}"
-        response = await rabbit_admin.http.put(
-            f"/parameters/shovel/{quote(vhost, safe='')}/{quote(name, safe='')}",
-            json={
-                "component": "shovel",
-                "vhost": vhost,
-                "name": name,
-                "value": {
-                    "src-uri": f"amqp:///{quote(vhost, safe='')}",
-                    "src-queue": DLQ,
-                    "src-protocol": "amqp091",
-                    "src-prefetch-count": 1000,
-                    "src-delete-after": "queue-length",
-                    "dest-protocol": "amqp091",
-                    "dest-uri": f"amqp:///{quote(vhost, safe='')}",
-                    "dest-add-forward-headers": False,
-                    "ack-mode": "on-confirm",
-                    "dest-queue": "worker.campaign.created",
-                },
-            },
-        )
-        assert response.status_code in (201, 204), response.text
+        await move_messages_back(rabbit_admin, vhost)
 
         jobs = await wait_for_jobs(campaign_client, headers, flaky, timeout=20)
         assert steps(jobs) == REPLAYED_TO_SUCCESS
         assert await trace_ids(db, flaky) == first_traces
         assert await value(worker, "worker_replayed_messages_total") == 1
         await queue_is_empty(rabbit_admin, vhost)
+
+    async def test_moving_back_what_the_broker_dead_lettered_is_a_replay(
+        self,
+        campaign_client: httpx.AsyncClient,
+        headers: dict[str, str],
+        rabbit_admin: RabbitAdmin,
+        vhost: str,
+        amqp_url: str,
+        db: asyncpg.Connection,
+        worker: FastAPI,
+    ) -> None:
+        # An event the broker took out of the worker's queue at its delivery limit (a worker
+        # crashing on it): no worker header, the broker's death record only.
+        campaign = await create_campaign(campaign_client, headers, "crashed the worker")
+        [job] = await wait_for_jobs(campaign_client, headers, campaign["id"])
+        await db.execute(
+            "DELETE FROM campaign_job_logs WHERE event_id = $1", uuid.UUID(job["event_id"])
+        )
+        death: Any = {
+            "count": 1,
+            "reason": "delivery_limit",
+            "queue": "worker.campaign.created",
+            "time": datetime.now(UTC).replace(microsecond=0),
+            "exchange": "campaigns",
+            "routing-keys": ["campaign.created"],
+        }
+        async with await aio_pika.connect(amqp_url) as connection:
+            channel = await connection.channel()
+            await channel.default_exchange.publish(
+                aio_pika.Message(
+                    json.dumps(job["payload"]).encode(),
+                    message_id=job["event_id"],
+                    headers={"x-death": [death]},
+                ),
+                routing_key=DLQ,
+            )
+
+        await move_messages_back(rabbit_admin, vhost)
+
+        jobs = await wait_for_jobs(campaign_client, headers, campaign["id"], timeout=20)
+        assert steps(jobs) == [("success", 2)]  # a round of its own, after the attempt it died at
+        assert await value(worker, "worker_replayed_messages_total") == 1
+
+
+class TestUpgrade:
+    async def test_a_copy_an_earlier_version_meant_to_dead_letter_is_not_run(
+        self,
+        campaign_client: httpx.AsyncClient,
+        headers: dict[str, str],
+        rabbit_admin: RabbitAdmin,
+        vhost: str,
+        amqp_url: str,
+        executions: list[CampaignCreated],
+    ) -> None:
+        # Earlier versions sent their dead letters through the worker's own queue, marked, to
+        # reject them there; a deploy can leave such a copy in the queue.
+        flaky = await create_campaign(campaign_client, headers, "flaky [fail:4]")
+        [job] = await wait_for_jobs(campaign_client, headers, flaky["id"], final="retry")
+        ran = len(executions)
+        async with await aio_pika.connect(amqp_url) as connection:
+            channel = await connection.channel()
+            await channel.default_exchange.publish(
+                aio_pika.Message(
+                    json.dumps(job["payload"]).encode(),
+                    message_id=job["event_id"],
+                    headers={
+                        ATTEMPT_HEADER: ATTEMPTS,
+                        "x-last-error-type": "SimulatedFailure",
+                        LEGACY_DEAD_LETTER_MARK_HEADER: True,
+                    },
+                ),
+                routing_key="worker.campaign.created",
+            )
+
+        [message] = await eventually(
+            lambda: rabbit_admin.peek(vhost, DLQ),
+            until=lambda found: any(
+                m["properties"].get("message_id") == job["event_id"] for m in found
+            ),
+            timeout=10,
+            what="the old copy in the dead-letter queue",
+        )
+
+        assert message["properties"]["headers"]["x-death"][0]["reason"] == "rejected"
+        # Only the campaign's own round ran; the copy was not executed.
+        jobs = await wait_for_jobs(campaign_client, headers, flaky["id"], final="failed")
+        assert steps(jobs) == FAILED_ROUND
+        assert len(executions) - ran == ATTEMPTS - 1
+
+
+class TestOutput:
+    async def test_headers_cannot_forge_rows_or_drive_the_terminal(
+        self,
+        campaign_client: httpx.AsyncClient,
+        headers: dict[str, str],
+        rabbit_admin: RabbitAdmin,
+        vhost: str,
+        amqp_url: str,
+        deadletters: Any,
+    ) -> None:
+        async with await aio_pika.connect(amqp_url) as connection:
+            channel = await connection.channel()
+            await channel.default_exchange.publish(
+                aio_pika.Message(
+                    b"{}",
+                    message_id="hostile",
+                    headers={
+                        "x-last-error-type": "Boom",
+                        "x-last-error-message": "\x1b[2Jgone\nfake-event  acme  row",
+                        ATTEMPT_HEADER: bytearray(b"\xff"),
+                    },
+                ),
+                routing_key=DLQ,
+            )
+        await dead_letter_ids(rabbit_admin, vhost, 1)
+
+        table = await deadletters("list")
+
+        assert table.code == 0, table.stderr
+        assert "\x1b" not in table.stdout
+        lines = table.stdout.splitlines()
+        assert len(lines) == 3  # the header, one row, the count
+        assert "\\x1b[2Jgone\\nfake-event" in lines[1]
 
 
 class TestErrors:
@@ -437,6 +591,18 @@ class TestErrors:
         assert run.code == 69
         assert "cannot reach PostgreSQL at 127.0.0.1" in run.stderr
         assert "secret-pw" not in run.stderr
+
+    async def test_settings_errors_show_no_secret(self, deadletters: Any) -> None:
+        run = await deadletters(
+            "list",
+            ENVIRONMENT="production",
+            DATABASE_URL="postgresql+asyncpg://app:Zx9-VerySecret@db.internal/campaigns",
+            RABBITMQ_URL="amqp://guest:guest@mq.internal/",
+        )
+
+        assert run.code == 78
+        assert "RABBITMQ_URL must name a user other than guest" in run.stderr
+        assert "Zx9-VerySecret" not in run.stderr + run.stdout
 
     async def test_no_dead_letter_queue(
         self, deadletters: Any, rabbit_admin: RabbitAdmin, vhost: str

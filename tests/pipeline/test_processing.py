@@ -63,22 +63,6 @@ async def handled(worker: FastAPI, **expected: int) -> dict[str, float]:
     )
 
 
-@pytest.fixture
-def executions(monkeypatch: pytest.MonkeyPatch) -> list[CampaignCreated]:
-    """The events the worker executes (its simulated work), in order."""
-    import worker.processing
-    from worker.simulation import execute
-
-    seen: list[CampaignCreated] = []
-
-    async def recording(event: CampaignCreated, **kwargs: Any) -> None:
-        seen.append(event)
-        await execute(event, **kwargs)
-
-    monkeypatch.setattr(worker.processing, "execute", recording)
-    return seen
-
-
 class TestSuccess:
     async def test_one_success_row_within_a_second(
         self, campaign_client: httpx.AsyncClient, headers: dict[str, str], tenant: str
