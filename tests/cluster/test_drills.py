@@ -209,7 +209,10 @@ class TestNodeLoss:
             held = await eventually(
                 progress.outbox_rows, until=lambda n: n >= 2 * RATE, timeout=30, what="events held"
             )
-            not_ready = (await campaign_api.get("/ready")).status_code
+            not_ready = [(await campaign_api.get("/ready")).status_code]
+            async with httpx.AsyncClient() as client:
+                for worker in platform.workers:
+                    not_ready.append((await client.get(f"{worker.url}/ready")).status_code)
             restarted_at = now()
             # All at once: a node that was not the last to stop waits for the others.
             await asyncio.gather(*(cluster.start_node(node) for node in cluster.nodes))
@@ -226,5 +229,5 @@ class TestNodeLoss:
             f" stopped {(restarted_at - stopped_at).total_seconds():.1f} s (the outbox held"
             f" {held} events), back in {(back_at - restarted_at).total_seconds():.1f} s: {stalled}"
         )
-        assert not_ready == 503
+        assert not_ready == [503, 503, 503]  # campaign_service and the two workers
         await assert_each_processed_once(cluster, progress, load)

@@ -177,3 +177,23 @@ class TestHaproxyConfig:
         )
 
         assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+class TestClusterCommands:
+    def test_make_targets_run_both_files(self) -> None:
+        files = "docker compose -f docker-compose.yml -f docker-compose.cluster.yml"
+        for target, command in (("up-cluster", "up --build --detach"), ("down-cluster", "down")):
+            made = subprocess.run(
+                ["make", "--no-print-directory", "-n", target],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+            )
+            assert made.stdout.strip() == f"{files} {command}", made.stderr
+
+    def test_the_readme_says_how(self) -> None:
+        readme = (ROOT / "README.md").read_text()
+
+        assert "make up-cluster" in readme
+        assert "docker-compose.cluster.yml" in readme
+        assert (ROOT / "docs" / "cluster.md").is_file()
