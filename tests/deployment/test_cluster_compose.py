@@ -113,6 +113,11 @@ class TestClusterCompose:
             cookies.add(service["environment"]["RABBITMQ_CLUSTER_COOKIE"])
             script = service["command"][-1]
             assert service["command"][:2] == ["sh", "-c"]
+            # $$ is compose's escape for a literal $ (the container's shell variable).
+            syntax = subprocess.run(
+                ["sh", "-n", "-c", script.replace("$$", "$")], capture_output=True, text=True
+            )
+            assert syntax.returncode == 0, syntax.stderr
             cookie = script.index("/var/lib/rabbitmq/.erlang.cookie")
             assert script.index("umask 077") < cookie < script.index("exec docker-entrypoint.sh")
             assert script.index("await_online_nodes 3") < script.index("import_definitions")
