@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import signal
-import tempfile
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -304,7 +303,3 @@ class RabbitCluster:
         """Start every node a test killed or stopped (and did not start again), together."""
         down = [node for node in self.nodes if node.name in self._killed]
         await asyncio.gather(*(self.start_node(node) for node in down))
-
-
-def new_workdir() -> Path:
-    return Path(tempfile.mkdtemp(prefix="rabbit-cluster-"))
