@@ -43,7 +43,7 @@ from shared.messaging import (
     ERROR_MESSAGE_HEADER,
     ERROR_TYPE_HEADER,
     WORKER_QUEUE_NAME,
-    publish_confirmed,
+    publish_copy,
 )
 
 logger = logging.getLogger(__name__)
@@ -154,19 +154,12 @@ async def replay(
                 campaign_id=letter.campaign_id,
                 message_id=letter.message_id,
             ):
-                await publish_confirmed(
+                await publish_copy(
                     broker,
-                    message.body,
-                    exchange="",
+                    message,
                     routing_key=WORKER_QUEUE_NAME,
-                    confirm_seconds=confirm_seconds,
-                    message_id=message.message_id,
-                    correlation_id=message.correlation_id,
-                    message_type=message.type,
-                    content_type=message.content_type,
-                    content_encoding=message.content_encoding,
-                    timestamp=message.timestamp,
                     headers=replay_headers(letter),
+                    confirm_seconds=confirm_seconds,
                 )
                 await message.ack()
                 # In the campaign's trace (trace_id on the line): the trace goes on from here.

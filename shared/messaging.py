@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, cast
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
+from aio_pika.abc import AbstractIncomingMessage
 from faststream.rabbit import (
     Channel,
     ExchangeType,
@@ -240,6 +241,33 @@ async def publish_confirmed(
             timeout=confirm_seconds,
             **properties,
         )
+
+
+async def publish_copy(
+    broker: RabbitBroker,
+    message: AbstractIncomingMessage,
+    *,
+    routing_key: str,
+    headers: dict[str, Any],
+    confirm_seconds: float,
+) -> None:
+    """A copy of a received message (its body and properties, with ``headers`` only: never the
+    broker's ``x-death`` or ``x-delivery-count``) straight to one queue through the default
+    exchange, persistent and confirmed: a retry, a dead letter, a replay."""
+    await publish_confirmed(
+        broker,
+        message.body,
+        exchange="",
+        routing_key=routing_key,
+        confirm_seconds=confirm_seconds,
+        message_id=message.message_id,
+        correlation_id=message.correlation_id,
+        message_type=message.type,
+        content_type=message.content_type,
+        content_encoding=message.content_encoding,
+        timestamp=message.timestamp,
+        headers=headers,
+    )
 
 
 async def declare_core(broker: RabbitBroker) -> None:

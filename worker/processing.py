@@ -67,7 +67,7 @@ from shared.messaging import (
     LEGACY_DEAD_LETTER_MARK_HEADER,
     ROUND_HEADER,
     died_into_dead_letters,
-    publish_confirmed,
+    publish_copy,
     retry_queue,
 )
 from shared.models import JobStatus
@@ -461,21 +461,13 @@ class CampaignProcessor:
         """A copy of the delivery through the default exchange (straight to one queue), in its
         trace, confirmed. Only our own headers travel: never the broker's ``x-death`` or
         ``x-delivery-count``."""
-        message = delivery.message
         with _scope(delivery):
-            await publish_confirmed(
+            await publish_copy(
                 self._broker,
-                message.body,
-                exchange="",
+                delivery.message,
                 routing_key=routing_key,
-                confirm_seconds=self._settings.worker_publish_timeout_seconds,
-                message_id=message.message_id,
-                correlation_id=message.correlation_id,
-                message_type=message.type,
-                content_type=message.content_type,
-                content_encoding=message.content_encoding,
-                timestamp=message.timestamp,
                 headers=headers,
+                confirm_seconds=self._settings.worker_publish_timeout_seconds,
             )
 
     async def _give_back_all(

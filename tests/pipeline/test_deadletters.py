@@ -101,6 +101,18 @@ async def dead_letter_ids(rabbit_admin: RabbitAdmin, vhost: str, count: int) -> 
     return [message["properties"].get("message_id") for message in messages]
 
 
+async def put(
+    amqp_url: str, queue: str, document: Any, *, message_id: str, headers: Any = None
+) -> None:
+    """A JSON message straight into one queue (the default exchange), as a script would."""
+    async with await aio_pika.connect(amqp_url) as connection:
+        channel = await connection.channel()
+        await channel.default_exchange.publish(
+            aio_pika.Message(json.dumps(document).encode(), message_id=message_id, headers=headers),
+            routing_key=queue,
+        )
+
+
 async def queue_is_empty(rabbit_admin: RabbitAdmin, vhost: str) -> None:
     await eventually(
         lambda: rabbit_admin.peek(vhost, DLQ),
@@ -257,16 +269,13 @@ class TestReplay:
         [job] = await wait_for_jobs(campaign_client, headers, campaign["id"])
         assert len(executions) == 1
         # A duplicate of its event sits in the dead-letter queue.
-        async with await aio_pika.connect(amqp_url) as connection:
-            channel = await connection.channel()
-            await channel.default_exchange.publish(
-                aio_pika.Message(
-                    json.dumps(job["payload"]).encode(),
-                    message_id=job["event_id"],
-                    headers={ATTEMPT_HEADER: 1, DEAD_LETTER_MARK_HEADER: True},
-                ),
-                routing_key=DLQ,
-            )
+        await put(
+            amqp_url,
+            DLQ,
+            job["payload"],
+            message_id=job["event_id"],
+            headers={ATTEMPT_HEADER: 1, DEAD_LETTER_MARK_HEADER: True},
+        )
         await dead_letter_ids(rabbit_admin, vhost, 1)
 
         replayed = await deadletters("replay", "--all")
@@ -346,17 +355,8 @@ class TestPurge:
         done = await create_campaign(campaign_client, headers, "done already")
         [done_job] = await wait_for_jobs(campaign_client, headers, done["id"])
         forged = {**job["payload"], "event_id": str(uuid.uuid4()), "tenant_id": other_tenant}
-        async with await aio_pika.connect(amqp_url) as connection:
-            channel = await connection.channel()
-            for payload, message_id in [
-                (job["payload"], job["event_id"]),
-                (done_job["payload"], done_job["event_id"]),
-                (forged, forged["event_id"]),
-            ]:
-                await channel.default_exchange.publish(
-                    aio_pika.Message(json.dumps(payload).encode(), message_id=message_id),
-                    routing_key=DLQ,
-                )
+        for payload in (job["payload"], done_job["payload"], forged):
+            await put(amqp_url, DLQ, payload, message_id=payload["event_id"])
         await publish_raw(amqp_url, b"{not json", message_id="by-hand")
         await dead_letter_ids(rabbit_admin, vhost, 5)
 
@@ -455,16 +455,9 @@ class TestTheRabbitMQUI:
             "exchange": "campaigns",
             "routing-keys": ["campaign.created"],
         }
-        async with await aio_pika.connect(amqp_url) as connection:
-            channel = await connection.channel()
-            await channel.default_exchange.publish(
-                aio_pika.Message(
-                    json.dumps(job["payload"]).encode(),
-                    message_id=job["event_id"],
-                    headers={"x-death": [death]},
-                ),
-                routing_key=DLQ,
-            )
+        await put(
+            amqp_url, DLQ, job["payload"], message_id=job["event_id"], headers={"x-death": [death]}
+        )
 
         await move_messages_back(rabbit_admin, vhost)
 
@@ -488,20 +481,17 @@ class TestUpgrade:
         flaky = await create_campaign(campaign_client, headers, "flaky [fail:4]")
         [job] = await wait_for_jobs(campaign_client, headers, flaky["id"], final="retry")
         ran = len(executions)
-        async with await aio_pika.connect(amqp_url) as connection:
-            channel = await connection.channel()
-            await channel.default_exchange.publish(
-                aio_pika.Message(
-                    json.dumps(job["payload"]).encode(),
-                    message_id=job["event_id"],
-                    headers={
-                        ATTEMPT_HEADER: ATTEMPTS,
-                        "x-last-error-type": "SimulatedFailure",
-                        LEGACY_DEAD_LETTER_MARK_HEADER: True,
-                    },
-                ),
-                routing_key="worker.campaign.created",
-            )
+        await put(
+            amqp_url,
+            "worker.campaign.created",
+            job["payload"],
+            message_id=job["event_id"],
+            headers={
+                ATTEMPT_HEADER: ATTEMPTS,
+                "x-last-error-type": "SimulatedFailure",
+                LEGACY_DEAD_LETTER_MARK_HEADER: True,
+            },
+        )
 
         [message] = await eventually(
             lambda: rabbit_admin.peek(vhost, DLQ),
@@ -529,20 +519,17 @@ class TestOutput:
         amqp_url: str,
         deadletters: Any,
     ) -> None:
-        async with await aio_pika.connect(amqp_url) as connection:
-            channel = await connection.channel()
-            await channel.default_exchange.publish(
-                aio_pika.Message(
-                    b"{}",
-                    message_id="hostile",
-                    headers={
-                        "x-last-error-type": "Boom",
-                        "x-last-error-message": "\x1b[2Jgone\nfake-event  acme  row",
-                        ATTEMPT_HEADER: bytearray(b"\xff"),
-                    },
-                ),
-                routing_key=DLQ,
-            )
+        await put(
+            amqp_url,
+            DLQ,
+            {},
+            message_id="hostile",
+            headers={
+                "x-last-error-type": "Boom",
+                "x-last-error-message": "\x1b[2Jgone\nfake-event  acme  row",
+                ATTEMPT_HEADER: bytearray(b"\xff"),
+            },
+        )
         await dead_letter_ids(rabbit_admin, vhost, 1)
 
         table = await deadletters("list")
