@@ -5,16 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import shutil
-import subprocess
 import uuid
 
 import httpx
-import pytest
 
 from tests.observability.conftest import Stack
 from tests.support.campaigns import create_campaign, wait_for_jobs
-from tests.support.metrics import parse
+from tests.support.metrics import parse, promtool_check
 from tests.support.users import PASSWORD, bearer, invite
 
 HEX32 = re.compile(r"^[0-9a-f]{32}$")
@@ -130,29 +127,12 @@ class TestLogs:
         assert token.split(".")[2] not in logs  # or even the token's signature.
 
 
-@pytest.fixture(scope="module")
-def promtool() -> str:
-    path = shutil.which("promtool")
-    assert path, "promtool is missing: scripts/test installs Debian's prometheus package"
-    return path
-
-
 class TestMetrics:
-    async def test_every_endpoint_passes_promtool(self, stack: Stack, promtool: str) -> None:
+    async def test_every_endpoint_passes_promtool(self, stack: Stack) -> None:
         for process in stack.processes:
             text = await scrape(process.url)
-            checked = await asyncio.create_subprocess_exec(
-                promtool,
-                "check",
-                "metrics",
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-            )
-            output, _ = await checked.communicate(text.encode())
 
-            assert checked.returncode == 0, (process.url, output.decode())
-            assert output.decode().strip() == "", (process.url, output.decode())
+            assert await promtool_check(text) == "", process.url
 
     async def test_http_red_metrics_by_route_template(self, stack: Stack, tenant: str) -> None:
         headers = await stack.login(tenant)

@@ -7,15 +7,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import shutil
 import signal
-import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 
-from tests.support.metrics import parse
+from tests.support.metrics import parse, promtool_check
 from tests.support.polling import eventually
 from tests.support.processes import ServiceProcess, free_port
 
@@ -87,22 +85,6 @@ async def started(process: ServiceProcess, ready_url: str) -> AsyncIterator[Serv
                 await process.stop()
 
 
-async def check_with_promtool(text: str) -> None:
-    promtool = shutil.which("promtool")
-    assert promtool, "promtool is missing: scripts/test installs Debian's prometheus package"
-    checked = await asyncio.create_subprocess_exec(
-        promtool,
-        "check",
-        "metrics",
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    output, _ = await checked.communicate(text.encode())
-    assert checked.returncode == 0, output.decode()
-    assert output.decode().strip() == "", output.decode()
-
-
 def gateway(base: Path, logs: Path, *, processes: int | None) -> tuple[ServiceProcess, str]:
     """The gateway by its start command; returns it and the URL of its internal port."""
     internal_port = free_port()
@@ -160,7 +142,7 @@ class TestCampaignServiceWithTwoProcesses:
             assert ("broker_queue_messages", queue) in samples, text
             assert samples[("broker_queue_consumers", queue)] == 0  # no worker in this test
             assert not any("pid" in dict(labels) for _, labels in samples)
-        await check_with_promtool(texts[0])
+        assert await promtool_check(texts[0]) == ""
 
 
 class TestGatewayStarts:
@@ -189,7 +171,7 @@ class TestGatewayStarts:
                 until=lambda texts: all(health_count(text) == 20 for text in texts),
                 what="the second start's own totals",
             )
-        await check_with_promtool(texts[0])
+        assert await promtool_check(texts[0]) == ""
 
     async def test_one_process_keeps_its_own_registry(self, tmp_path: Path) -> None:
         base = tmp_path / "metrics"

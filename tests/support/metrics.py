@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import shutil
+import subprocess
+
 import httpx
 from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
@@ -35,3 +39,21 @@ async def outcomes(app: FastAPI) -> dict[str, float]:
         for (name, labels), count in (await scrape(app)).items()
         if name == "worker_messages_total"
     }
+
+
+async def promtool_check(text: str) -> str:
+    """What ``promtool check metrics`` says of an exposition ("" when it has nothing to say);
+    fails the test when promtool refuses it."""
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is missing: scripts/test installs Debian's prometheus package"
+    checked = await asyncio.create_subprocess_exec(
+        promtool,
+        "check",
+        "metrics",
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    output, _ = await checked.communicate(text.encode())
+    assert checked.returncode == 0, output.decode()
+    return output.decode().strip()
