@@ -4,7 +4,8 @@ scrapes it; compose does not publish it. It is served by a second uvicorn server
 process, started and stopped with the public one (a signal stops the internal server first,
 which hands the signal on to the public one). In a multi-process start (``WEB_CONCURRENCY``) the
 processes share the internal port (``SO_REUSEPORT``): a scrape reaches one of them, which answers
-the totals of all (shared/multiprocess.py)."""
+the totals of all (shared/multiprocess.py); another multi-process start on the same port fails
+to start instead of sharing it too (``port_of_this_start``)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from gateway.settings import GatewaySettings
 from gateway.status import router as status_router
 from shared.errors import install_error_handlers
 from shared.metrics import metrics_router
-from shared.multiprocess import multiprocess_directory
+from shared.multiprocess import multiprocess_directory, port_of_this_start
 from shared.telemetry import NO_NATIVE_TELEMETRY
 from shared.web import health_router
 
@@ -60,20 +61,24 @@ async def serving(app: FastAPI, settings: GatewaySettings) -> AsyncIterator[None
             server_header=False,
         )
     )
-    sockets = None
-    if multiprocess_directory() is not None:  # the sibling processes of this start bind it too
-        sockets = [_shared_socket(settings.gateway_internal_host, settings.gateway_internal_port)]
-    task = asyncio.create_task(server.serve(sockets), name="gateway-internal-port")
-    while not server.started:
-        if task.done():
-            task.result()  # its error (the port in use): the gateway does not start
-            raise RuntimeError("the internal port stopped as it started")
-        await asyncio.sleep(0.01)
-    try:
-        yield
-    finally:
-        server.should_exit = True
-        await task
+    with contextlib.ExitStack() as held:
+        sockets = None
+        if multiprocess_directory() is not None:  # the sibling processes of this start bind it too
+            held.enter_context(port_of_this_start(settings.gateway_internal_port))
+            sockets = [
+                _shared_socket(settings.gateway_internal_host, settings.gateway_internal_port)
+            ]
+        task = asyncio.create_task(server.serve(sockets), name="gateway-internal-port")
+        while not server.started:
+            if task.done():
+                task.result()  # its error (the port in use): the gateway does not start
+                raise RuntimeError("the internal port stopped as it started")
+            await asyncio.sleep(0.01)
+        try:
+            yield
+        finally:
+            server.should_exit = True
+            await task
 
 
 def _shared_socket(host: str, port: int) -> socket.socket:

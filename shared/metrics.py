@@ -8,9 +8,11 @@ its processes' values combine (``multiprocess_mode``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 
 from fastapi import APIRouter, Response
 from opentelemetry.instrumentation.utils import suppress_instrumentation
@@ -23,10 +25,10 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from shared.multiprocess import multiprocess_directory
+from shared.multiprocess import dead_processes, multiprocess_directory
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +47,8 @@ def metrics_router(registry: CollectorRegistry, refreshers: Sequence[Refresher] 
     count); one that fails leaves its gauges as they were and the scrape still answers.
 
     In a multi-process start, what every process of the start wrote to its directory, summed
-    (``registry`` then only checks that names are unique)."""
+    (``registry`` then only checks that names are unique), without the live gauges of the
+    processes that were killed."""
     router = APIRouter(tags=["metrics"])
     served = registry
     directory = multiprocess_directory()
@@ -61,9 +64,20 @@ def metrics_router(registry: CollectorRegistry, refreshers: Sequence[Refresher] 
                     await refresh()
             except Exception as exc:  # a scrape must answer even when a source is away
                 logger.warning("metrics refresh failed", extra={"error": repr(exc)})
+        if directory is not None:
+            forget_killed_processes(directory)
         return Response(generate_latest(served), media_type=CONTENT_TYPE_LATEST)
 
     return router
+
+
+def forget_killed_processes(directory: Path) -> None:
+    """Mark dead the processes of ``directory`` that no longer run: one killed (SIGKILL by
+    uvicorn's supervisor or the OOM killer) could not, and its live gauges (the requests it was
+    serving) would stay in the totals until the next start."""
+    for pid in dead_processes(directory):
+        with contextlib.suppress(FileNotFoundError):  # another process's scrape got there first
+            mark_process_dead(pid, str(directory))  # type: ignore[no-untyped-call]
 
 
 class HttpMetrics:

@@ -1,18 +1,22 @@
 """Metrics of a service started as several processes (``WEB_CONCURRENCY=2``, by its documented
 start command ``uvicorn <service>.main:app``) add up: any process's /metrics answers the totals
-of all of them, and each start counts from zero (shared/multiprocess.py)."""
+of all of them, each start counts from zero, a killed process's in-flight requests leave the
+totals, and the gateway's internal port is shared by one start only (shared/multiprocess.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
+import os
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
+from prometheus_client.multiprocess import MultiProcessCollector
 
+from shared.multiprocess import live_gauge_pid
 from tests.support.metrics import parse, promtool_check
 from tests.support.polling import eventually
 from tests.support.processes import ServiceProcess, free_port
@@ -85,13 +89,51 @@ async def started(process: ServiceProcess, ready_url: str) -> AsyncIterator[Serv
                 await process.stop()
 
 
-def gateway(base: Path, logs: Path, *, processes: int | None) -> tuple[ServiceProcess, str]:
-    """The gateway by its start command; returns it and the URL of its internal port."""
-    internal_port = free_port()
+def live_processes(directory: Path) -> dict[int, float]:
+    """Each process with live gauges in ``directory``: its ``http_server_active_requests``."""
+    active = {}
+    for path in directory.iterdir():
+        pid = live_gauge_pid(path.name)
+        if pid is None:
+            continue
+        with contextlib.suppress(FileNotFoundError):  # marked dead meanwhile
+            for metric in MultiProcessCollector.merge([str(path)]):  # type: ignore[no-untyped-call]
+                for sample in metric.samples:
+                    if sample.name == "http_server_active_requests":
+                        active[pid] = sample.value
+    return active
+
+
+def active_requests(text: str) -> float:
+    return parse(text)[("http_server_active_requests", frozenset())]
+
+
+@contextlib.asynccontextmanager
+async def request_in_flight(url: str) -> AsyncIterator[None]:
+    """A POST whose body never arrives whole: in flight until the connection closes."""
+    _, writer = await asyncio.open_connection("127.0.0.1", int(url.rsplit(":", 1)[1]))
+    try:
+        writer.write(
+            b"POST /api/x/campaigns HTTP/1.1\r\nHost: gateway\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"
+        )
+        await writer.drain()
+        yield
+    finally:
+        writer.transport.abort()
+
+
+def gateway(
+    base: Path, logs: Path, *, processes: int | None, internal_port: int | None = None
+) -> tuple[ServiceProcess, str]:
+    """The gateway by its start command; returns it and the URL of its internal port. Its one
+    route leads nowhere."""
+    internal_port = internal_port or free_port()
+    routes = [{"name": "nowhere", "prefix": "/api/x", "upstream": "http://127.0.0.1:9"}]
     process = ServiceProcess.web(
         "gateway.main:app",
         {
-            "GATEWAY_ROUTES": json.dumps([]),
+            "GATEWAY_ROUTES": json.dumps(routes),
             "GATEWAY_INTERNAL_PORT": str(internal_port),
             "METRICS_MULTIPROCESS_DIR": str(base),
         },
@@ -182,3 +224,60 @@ class TestGatewayStarts:
 
         assert health_count(text) == 5
         assert start_directories(base) == []
+
+    async def test_a_killed_process_leaves_the_totals_at_the_next_scrape(
+        self, tmp_path: Path
+    ) -> None:
+        base = tmp_path / "metrics"
+        service, internal = gateway(base, tmp_path / "gateway.log", processes=2)
+        async with started(service, f"{internal}/metrics"):
+            [directory] = start_directories(base)
+            await eventually(
+                lambda: asyncio.to_thread(live_processes, directory),
+                until=lambda active: len(active) == 2,
+                timeout=30,
+                what="both processes started",
+            )
+            async with request_in_flight(service.url):
+                active = await eventually(
+                    lambda: asyncio.to_thread(live_processes, directory),
+                    until=lambda active: sorted(active.values()) == [0, 1],
+                    what="one process serving the request",
+                )
+                [serving] = [pid for pid, value in active.items() if value == 1]
+                [text] = await scrapes(internal, count=1)
+                assert active_requests(text) == 1
+
+                os.kill(serving, signal.SIGKILL)  # as uvicorn kills a worker that stops answering
+
+                await eventually(
+                    lambda: scrapes(internal, count=4),
+                    until=lambda texts: all(active_requests(text) == 0 for text in texts),
+                    timeout=30,
+                    what="the killed process's request out of every scrape's total",
+                )
+                assert serving not in live_processes(directory)
+
+
+class TestGatewayInternalPort:
+    async def test_a_second_start_on_the_same_port_fails_while_the_first_runs(
+        self, tmp_path: Path
+    ) -> None:
+        base = tmp_path / "metrics"
+        first, internal = gateway(base, tmp_path / "first.log", processes=2)
+        port = int(internal.rsplit(":", 1)[1])
+        async with started(first, f"{internal}/metrics"):
+            second, _ = gateway(base, tmp_path / "second.log", processes=2, internal_port=port)
+            await second.start()
+            try:
+                await second.wait(timeout=60)  # uvicorn stops a start whose worker cannot start
+            finally:
+                await second.stop()
+            assert f"port {port} is in use by another start" in second.log_path.read_text()
+
+            await send_health_requests(first.url, 20)
+            await eventually(  # every scrape of the port reaches the first start
+                lambda: scrapes(internal),
+                until=lambda texts: all(health_count(text) == 20 for text in texts),
+                what="the first start's totals on every scrape",
+            )
