@@ -86,10 +86,13 @@ async def phase(
     disrupt: Callable[[], Awaitable[None]],
 ) -> str:
     """Disrupt; see processing go on; bring every node back; see every campaign accepted so
-    far processed. What it cost."""
+    far processed. What it cost (from before the disruption)."""
     start = now()
     await disrupt()
-    await progress.wait_resumed(load, since=start, count=2 * RATE)
+    # Processing goes on: counted among campaigns created once ``disrupt`` returned (the node is
+    # gone then), not from ``start``, which would count those processed before it went.
+    disrupted = now()
+    await progress.wait_resumed(load, since=disrupted, count=2 * RATE)
     await all_members_online(platform.cluster)
     await progress.wait_caught_up(load, since=start)
     return await costs(platform, progress, start, now())
