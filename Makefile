@@ -1,6 +1,7 @@
 # The README's commands, and container images.
 #   make up | down | logs            the stack with docker compose
 #   make up-cluster | down-cluster   the same on a three-node RabbitMQ cluster (docs/cluster.md)
+#   make cluster-cookie              a random RABBITMQ_ERLANG_COOKIE in .env if none (up-cluster)
 #   make run-local                   the same processes on this machine, without Docker
 #   make test                        the whole test suite
 #   make deadletters ARGS="list"     the dead-letter tool (list | replay | purge; --help)
@@ -24,7 +25,8 @@ port_worker := 9000
 port_migrate := 8000
 
 .PHONY: up down logs run-local test check deadletters jwt-key docker-build docker-build-all docker-push \
-	docker-push-all benchmark buildx-builder _require-service up-cluster down-cluster
+	docker-push-all benchmark buildx-builder _require-service up-cluster down-cluster \
+	cluster-cookie
 
 up:
 	docker compose up --build --detach
@@ -37,8 +39,21 @@ logs:
 
 CLUSTER_COMPOSE := docker compose -f docker-compose.yml -f docker-compose.cluster.yml
 
-up-cluster:
+up-cluster: cluster-cookie
 	$(CLUSTER_COMPOSE) up --build --detach
+
+# The Erlang cookie the cluster's nodes share (docker-compose.cluster.yml requires one): when
+# neither the environment nor .env sets one, a random one is written into .env (created if
+# missing, owner-only), replacing an empty RABBITMQ_ERLANG_COOKIE= line. One already set stays.
+cluster-cookie:
+	@if [ -z "$${RABBITMQ_ERLANG_COOKIE:-}" ] && ! grep -Eqs '^RABBITMQ_ERLANG_COOKIE=.' .env; then \
+	  cookie=$$(python3 -c 'import secrets; print(secrets.token_hex(32))') \
+	  && umask 077 \
+	  && { if [ -f .env ]; then grep -v '^RABBITMQ_ERLANG_COOKIE=' .env || true; fi; \
+	       echo "RABBITMQ_ERLANG_COOKIE=$$cookie"; } > .env.cookie-tmp \
+	  && mv .env.cookie-tmp .env \
+	  && echo "wrote a random RABBITMQ_ERLANG_COOKIE into .env"; \
+	fi
 
 down-cluster:
 	$(CLUSTER_COMPOSE) down

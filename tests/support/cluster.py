@@ -26,11 +26,16 @@ from tests.support.rabbit import PrivateRabbitNode
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 # The compose nodes' names in rabbitmq/cluster.conf, in order.
-COMPOSE_NODE_NAMES = ("rabbit@rabbitmq", "rabbit@rabbitmq-2", "rabbit@rabbitmq-3")
-# Keys of rabbitmq/cluster.conf that RabbitMQ 3.10 (this machine's) does not know, and what says
-# the same to it: 3.10's configuration schema has no key for the quorum queues' initial size.
-_OLDER_SERVER_EQUIVALENTS = {
-    "quorum_queue.initial_cluster_size": "[{{rabbit, [{{quorum_cluster_size, {value}}}]}}].\n"
+COMPOSE_NODE_NAMES = ("rabbit@rabbitmq-1", "rabbit@rabbitmq-2", "rabbit@rabbitmq-3")
+_QUORUM_CLUSTER_SIZE = "[{{rabbit, [{{quorum_cluster_size, {value}}}]}}].\n"
+# Keys of rabbitmq/cluster.conf that older servers (this machine's 3.10) do not know: the version
+# that knows each, and what says the same to an older one in advanced.config (Erlang terms), if
+# anything. Continuous membership reconciliation has no equivalent before 3.13: the drills
+# declare their queues with the three nodes running, so no queue needs it.
+_NEWER_KEYS: dict[str, tuple[tuple[int, ...], str | None]] = {
+    "quorum_queue.initial_cluster_size": ((4, 1), _QUORUM_CLUSTER_SIZE),
+    "quorum_queue.continuous_membership_reconciliation.enabled": ((3, 13), None),
+    "quorum_queue.continuous_membership_reconciliation.target_group_size": ((3, 13), None),
 }
 
 
@@ -40,8 +45,10 @@ def cluster_config(names: Sequence[str], *, server_version: tuple[int, ...]) -> 
     lines, advanced = [], "[].\n"
     for line in (ROOT / "rabbitmq" / "cluster.conf").read_text().splitlines():
         key, _, value = (part.strip() for part in line.partition("="))
-        if key in _OLDER_SERVER_EQUIVALENTS and server_version < (4, 1):
-            advanced = _OLDER_SERVER_EQUIVALENTS[key].format(value=value)
+        if key in _NEWER_KEYS and server_version < _NEWER_KEYS[key][0]:
+            equivalent = _NEWER_KEYS[key][1]
+            if equivalent is not None:
+                advanced = equivalent.format(value=value)
             continue
         for compose_name, name in zip(COMPOSE_NODE_NAMES, names, strict=True):
             if value == compose_name:
