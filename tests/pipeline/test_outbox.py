@@ -511,10 +511,12 @@ class TestFastPath:
         """The writer's broker confirms slowly (1.5 s a batch of 2) while another replica polls
         every 50 ms: one commit of 10 events takes the writer's fast path 7.5 s, past the claim
         window (4 s). It deletes what it published as it goes, and what has gone stale by the
-        time a batch starts is the poll's: each event is published once."""
+        time a batch starts is the poll's: each event is published once. (One publishing
+        connection: the slowed broker is then the writer's only one.)"""
         settings = make_campaign_settings(
             database_url,
             amqp_url,
+            outbox_publish_connections=1,
             outbox_batch_size=2,
             outbox_poll_interval_seconds=0.05,
             outbox_claim_after_seconds=4.0,
