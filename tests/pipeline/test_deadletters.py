@@ -122,12 +122,27 @@ async def queue_is_empty(rabbit_admin: RabbitAdmin, vhost: str) -> None:
     )
 
 
-async def dead(client: httpx.AsyncClient, headers: dict[str, str], name: str) -> tuple[str, str]:
-    """A campaign that fails its first round: its id and event id, once dead-lettered."""
-    campaign = await create_campaign(client, headers, name)
-    jobs = await wait_for_jobs(client, headers, campaign["id"], final="failed", timeout=20)
-    assert steps(jobs) == FAILED_ROUND
-    return campaign["id"], jobs[0]["event_id"]
+@pytest.fixture
+def dead(campaign_client: httpx.AsyncClient, rabbit_admin: RabbitAdmin, vhost: str) -> Any:
+    """``await dead(headers, name)``: a campaign that fails its first round, its id and event
+    id once its message is in the dead-letter queue."""
+
+    async def make(headers: dict[str, str], name: str) -> tuple[str, str]:
+        campaign = await create_campaign(campaign_client, headers, name)
+        jobs = await wait_for_jobs(
+            campaign_client, headers, campaign["id"], final="failed", timeout=20
+        )
+        assert steps(jobs) == FAILED_ROUND
+        event_id = jobs[0]["event_id"]
+        await eventually(
+            lambda: rabbit_admin.peek(vhost, DLQ, count=100),
+            until=lambda found: any(m["properties"].get("message_id") == event_id for m in found),
+            timeout=10,
+            what=f"event {event_id} in the dead-letter queue",
+        )
+        return campaign["id"], event_id
+
+    return make
 
 
 async def trace_ids(db: asyncpg.Connection, campaign_id: str) -> set[str]:
@@ -149,9 +164,10 @@ class TestList:
         vhost: str,
         amqp_url: str,
         deadletters: Any,
+        dead: Any,
     ) -> None:
-        first, first_event = await dead(campaign_client, headers, "one [fail:always]")
-        second, _ = await dead(campaign_client, other_headers, "two [fail:always]")
+        first, first_event = await dead(headers, "one [fail:always]")
+        second, _ = await dead(other_headers, "two [fail:always]")
         await publish_raw(amqp_url, b"{not json", message_id="by-hand")
         before = await dead_letter_ids(rabbit_admin, vhost, 3)
 
@@ -194,9 +210,10 @@ class TestReplay:
         worker: FastAPI,
         db: asyncpg.Connection,
         deadletters: Any,
+        dead: Any,
     ) -> None:
-        flaky, flaky_event = await dead(campaign_client, headers, "flaky [fail:4]")
-        _doomed, doomed_event = await dead(campaign_client, headers, "doomed [fail:always]")
+        flaky, flaky_event = await dead(headers, "flaky [fail:4]")
+        _doomed, doomed_event = await dead(headers, "doomed [fail:always]")
         first_traces = await trace_ids(db, flaky)
 
         dry = await deadletters("replay", "--event-id", flaky_event, "--dry-run")
@@ -225,8 +242,9 @@ class TestReplay:
         headers: dict[str, str],
         tenant: str,
         deadletters: Any,
+        dead: Any,
     ) -> None:
-        doomed, doomed_event = await dead(campaign_client, headers, "doomed [fail:always]")
+        doomed, doomed_event = await dead(headers, "doomed [fail:always]")
 
         replayed = await deadletters("replay", "--tenant", tenant)
 
@@ -300,8 +318,9 @@ class TestReplay:
         amqp_url: str,
         worker: FastAPI,
         deadletters: Any,
+        dead: Any,
     ) -> None:
-        flaky, flaky_event = await dead(campaign_client, headers, "flaky [fail:4]")
+        flaky, flaky_event = await dead(headers, "flaky [fail:4]")
         broker = create_broker(amqp_url, app_id="deadletters-test")
         await broker.connect()
         try:
@@ -343,8 +362,9 @@ class TestPurge:
         amqp_url: str,
         db: asyncpg.Connection,
         deadletters: Any,
+        dead: Any,
     ) -> None:
-        doomed, _ = await dead(campaign_client, headers, "doomed [fail:always]")
+        doomed, _ = await dead(headers, "doomed [fail:always]")
         # An event the broker dead-lettered by itself (past the delivery limit): no row yet.
         campaign = await create_campaign(campaign_client, headers, "stuck")
         [job] = await wait_for_jobs(campaign_client, headers, campaign["id"])
@@ -418,8 +438,9 @@ class TestTheRabbitMQUI:
         vhost: str,
         worker: FastAPI,
         db: asyncpg.Connection,
+        dead: Any,
     ) -> None:
-        flaky, _ = await dead(campaign_client, headers, "flaky [fail:4]")
+        flaky, _ = await dead(headers, "flaky [fail:4]")
         first_traces = await trace_ids(db, flaky)
 
         await move_messages_back(rabbit_admin, vhost)
