@@ -8,6 +8,7 @@ its processes' values combine (``multiprocess_mode``).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -64,11 +65,20 @@ def metrics_router(registry: CollectorRegistry, refreshers: Sequence[Refresher] 
                     await refresh()
             except Exception as exc:  # a scrape must answer even when a source is away
                 logger.warning("metrics refresh failed", extra={"error": repr(exc)})
-        if directory is not None:
-            forget_killed_processes(directory)
-        return Response(generate_latest(served), media_type=CONTENT_TYPE_LATEST)
+        if directory is None:
+            return Response(generate_latest(served), media_type=CONTENT_TYPE_LATEST)
+        # Reading every process's files is file I/O: off the event loop.
+        return Response(
+            await asyncio.to_thread(_collect_processes, directory, served),
+            media_type=CONTENT_TYPE_LATEST,
+        )
 
     return router
+
+
+def _collect_processes(directory: Path, served: CollectorRegistry) -> bytes:
+    forget_killed_processes(directory)
+    return generate_latest(served)
 
 
 def forget_killed_processes(directory: Path) -> None:
