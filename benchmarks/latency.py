@@ -9,6 +9,12 @@ per request than the service under test, and on a shared machine that would be m
 
 Each run starts with a few seconds of campaigns at its first rate, processed and not measured
 (``WARM_UP_SECONDS``): the figures are the running platform's, not its startup's.
+
+Legs: the same runs with another front taking the POSTs, the worker the same. ``service`` is
+campaign_service (the target's leg); ``same_work`` is the same work on bare libraries
+(``benchmarks/same_work_app.py``: it publishes each event itself after its commit, from
+memory), which tells what this machine allows whatever the service's libraries cost. A leg
+named ``..._untraced`` runs the front and the worker with ``OTEL_SDK_DISABLED=true``.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from benchmarks.harness import (
     user_service,
     wait_http,
 )
-from benchmarks.http import token_for
+from benchmarks.http import same_work_app, token_for
 
 CONNECTIONS = 64
 # Before the measured rates, campaigns offered (at the first rate) and processed unmeasured: a
@@ -154,64 +160,32 @@ async def offer(url: str, token: str, rate: int, seconds: int) -> Offered:
     return result
 
 
-async def run(bench: Bench, rates: list[int], seconds: int) -> dict[str, Any]:
-    ports = {name: free_port() for name in ("user", "campaigns", "worker")}
-    user_url = f"http://127.0.0.1:{ports['user']}"
-    campaigns_url = f"http://127.0.0.1:{ports['campaigns']}"
-    processes = [
-        user_service(bench, "user_service-latency", ports["user"]),
-        campaign_service(bench, "campaign_service-latency", ports["campaigns"], user_url),
-        Process(
-            "worker-latency",
-            python("-m", "worker"),
-            bench.env(WORKER_METRICS_PORT=str(ports["worker"])),
-            bench.logs,
-        ),
-    ]
-    for process in processes:
-        await process.start()
-    runs = []
-    try:
-        await wait_http(f"{user_url}/health")
-        await wait_http(f"{campaigns_url}/ready")
-        await wait_http(f"http://127.0.0.1:{ports['worker']}/ready")
-        token = await token_for(user_url)
-        service, worker = processes[1], processes[2]
-        warm_up = await offer(campaigns_url, token, rates[0], WARM_UP_SECONDS)
-        await _wait_processed(bench, set(warm_up.due), timeout=60)
-        for rate in rates:
-            # Where the machine's CPU went while the campaigns were created and processed.
-            meter = CpuMeter(
-                {
-                    # Spans are exported by a thread of each process.
-                    "campaign_service": service.pids,
-                    "worker": worker.pids,
-                    "postgresql": lambda: pids_named("postgres"),
-                    "rabbitmq": lambda: pids_named("beam.smp"),
-                    "load generator": lambda: [os.getpid()],
-                }
-            )
-            meter.start()
-            offered = await offer(campaigns_url, token, rate, seconds)
-            processed = await _wait_processed(bench, set(offered.due), timeout=60)
-            spent, busy = meter.stop()
-            run = _summary(rate, seconds, offered, processed)
-            created = max(run["created"], 1)
-            run["cpu_ms_per_campaign"] = {
-                name: round(1000 * cpu / created, 2) for name, cpu in spent.items()
-            }
-            run["machine_busy_percent"] = round(100 * busy, 1)
-            runs.append(run)
-    finally:
-        for process in processes:
-            await process.stop()
-    target = next((run for run in runs if run["offered_rate"] == TARGET_RATE), None)
+LEGS = ("service", "same_work", "service_untraced", "same_work_untraced")
+
+
+def _front(bench: Bench, leg: str, port: int, user_url: str, env: dict[str, str]) -> Process:
+    if leg.startswith("same_work"):
+        return same_work_app(bench, port, user_url, **env)
+    process = campaign_service(bench, f"campaign_service-latency-{leg}", port, user_url)
+    process.env.update(env)
+    return process
+
+
+async def run(
+    bench: Bench, rates: list[int], seconds: int, legs: tuple[str, ...] = ("service",)
+) -> dict[str, Any]:
+    """Every leg at every rate, one leg after another (each on its own processes)."""
+    runs = [run for leg in legs for run in await _leg(bench, leg, rates, seconds)]
+    target = next(
+        (run for run in runs if run["leg"] == "service" and run["offered_rate"] == TARGET_RATE),
+        None,
+    )
     return {
         "connections": CONNECTIONS,
         "warm_up_seconds": WARM_UP_SECONDS,
         "target_rate": TARGET_RATE,
         "target_p99_ms": TARGET_P99_MS,
-        # None when no run was at the target's rate.
+        # None when no run of the service was at the target's rate.
         "met": None
         if target is None
         else bool(
@@ -222,6 +196,7 @@ async def run(bench: Bench, rates: list[int], seconds: int) -> dict[str, Any]:
         "runs": runs,
         "table": [
             {
+                "front": run["leg"],
                 "rate/s": run["offered_rate"],
                 "seconds": seconds,
                 "created": run["created"],
@@ -238,6 +213,7 @@ async def run(bench: Bench, rates: list[int], seconds: int) -> dict[str, Any]:
         ],
         "cpu_table": [
             {
+                "front": run["leg"],
                 "rate/s": run["offered_rate"],
                 **{f"{name} ms": ms for name, ms in run["cpu_ms_per_campaign"].items()},
                 "all listed ms": round(sum(run["cpu_ms_per_campaign"].values()), 2),
@@ -246,6 +222,62 @@ async def run(bench: Bench, rates: list[int], seconds: int) -> dict[str, Any]:
             for run in runs
         ],
     }
+
+
+async def _leg(bench: Bench, leg: str, rates: list[int], seconds: int) -> list[dict[str, Any]]:
+    env = {"OTEL_SDK_DISABLED": "true"} if leg.endswith("_untraced") else {}
+    ports = {name: free_port() for name in ("user", "campaigns", "worker")}
+    user_url = f"http://127.0.0.1:{ports['user']}"
+    campaigns_url = f"http://127.0.0.1:{ports['campaigns']}"
+    user = user_service(bench, f"user_service-latency-{leg}", ports["user"])
+    service = _front(bench, leg, ports["campaigns"], user_url, env)
+    worker = Process(
+        f"worker-latency-{leg}",
+        python("-m", "worker"),
+        bench.env(WORKER_METRICS_PORT=str(ports["worker"]), **env),
+        bench.logs,
+    )
+    started: list[Process] = []
+    runs = []
+    try:
+        # The front reads the token keys from user_service as it starts.
+        for process, up in ((user, f"{user_url}/health"), (service, f"{campaigns_url}/health")):
+            started.append(process)
+            await process.start()
+            await wait_http(up)
+        started.append(worker)
+        await worker.start()
+        await wait_http(f"http://127.0.0.1:{ports['worker']}/ready")
+        token = await token_for(user_url)
+        warm_up = await offer(campaigns_url, token, rates[0], WARM_UP_SECONDS)
+        await _wait_processed(bench, set(warm_up.due), timeout=60)
+        for rate in rates:
+            # Where the machine's CPU went while the campaigns were created and processed.
+            meter = CpuMeter(
+                {
+                    # Spans are exported by a thread of each process.
+                    "front": service.pids,
+                    "worker": worker.pids,
+                    "postgresql": lambda: pids_named("postgres"),
+                    "rabbitmq": lambda: pids_named("beam.smp"),
+                    "load generator": lambda: [os.getpid()],
+                }
+            )
+            meter.start()
+            offered = await offer(campaigns_url, token, rate, seconds)
+            processed = await _wait_processed(bench, set(offered.due), timeout=60)
+            spent, busy = meter.stop()
+            run = {"leg": leg, **_summary(rate, seconds, offered, processed)}
+            created = max(run["created"], 1)
+            run["cpu_ms_per_campaign"] = {
+                name: round(1000 * cpu / created, 2) for name, cpu in spent.items()
+            }
+            run["machine_busy_percent"] = round(100 * busy, 1)
+            runs.append(run)
+    finally:
+        for process in reversed(started):
+            await process.stop()
+    return runs
 
 
 def _summary(

@@ -51,6 +51,11 @@ async def main() -> None:
         "the target is at 150",
     )
     parser.add_argument("--seconds", type=int, default=30, help="length of each latency run")
+    parser.add_argument(
+        "--latency-legs",
+        default="service,same_work",
+        help="comma-separated fronts for the latency runs, of: " + ",".join(latency.LEGS),
+    )
     parser.add_argument("--results", type=Path, default=Path("benchmark-results"))
     args = parser.parse_args()
     wanted = set(args.only.split(","))
@@ -61,6 +66,9 @@ async def main() -> None:
         parser.error("--http-rounds: at least 1")
     if unknown:
         parser.error(f"--only: no such measurement {', '.join(sorted(unknown))}")
+    legs = tuple(args.latency_legs.split(","))
+    if not legs or set(legs) - set(latency.LEGS):
+        parser.error(f"--latency-legs: of {', '.join(latency.LEGS)}")
     results: dict[str, Any] = {"machine": machine(), "python": platform.python_version()}
     started = time.monotonic()
     async with bench_environment(args.results) as bench:
@@ -80,7 +88,10 @@ async def main() -> None:
             )
         if "latency" in wanted:
             results["latency"] = await latency.run(
-                bench, rates=[int(rate) for rate in args.rates.split(",")], seconds=args.seconds
+                bench,
+                rates=[int(rate) for rate in args.rates.split(",")],
+                seconds=args.seconds,
+                legs=legs,
             )
             print(table("End-to-end latency", results["latency"]["table"]))
             print(table("CPU per campaign (latency runs)", results["latency"]["cpu_table"]))
