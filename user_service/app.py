@@ -4,6 +4,8 @@ has is mounted here."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
@@ -64,10 +66,21 @@ def create_app(settings: UserServiceSettings | None = None) -> FastAPI:
             issuer=settings.jwt_issuer,
             audience=settings.jwt_audience,
         )
-        app.state.login_throttle = LoginThrottle(engine, _throttle_policy(settings), metrics)
+        throttle = LoginThrottle(engine, _throttle_policy(settings), metrics)
+        app.state.login_throttle = throttle
+        forgetting = asyncio.create_task(
+            throttle.forget_idle_every(
+                settings.login_throttle_purge_interval_seconds,
+                timedelta(seconds=settings.login_throttle_forget_seconds),
+            ),
+            name="forget-idle-login-counts",
+        )
         try:
             yield
         finally:
+            forgetting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await forgetting
             passwords.close()
             await engine.dispose()
 

@@ -51,6 +51,11 @@ class UserServiceSettings(DatabaseSettings):
     login_throttle_base_seconds: int = Field(default=60, ge=1, le=86_400)
     login_throttle_max_seconds: int = Field(default=900, ge=1, le=86_400)
     login_address_max_failures: int = Field(default=100, ge=1, le=1_000_000)
+    # A count nobody has touched for this long after its window and any block ended is
+    # forgotten (its account or address starts again from zero), looked for every interval:
+    # otherwise the table keeps a row for every account and address that ever failed.
+    login_throttle_forget_seconds: int = Field(default=86_400, ge=60, le=365 * 86_400)
+    login_throttle_purge_interval_seconds: float = Field(default=600.0, gt=0, le=86_400)
     # Logins of one client address being hashed at once, per process; more are refused at once.
     login_max_in_flight_per_address: int = Field(default=4, ge=1, le=1_000)
 

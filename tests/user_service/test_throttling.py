@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 from fastapi import FastAPI
@@ -266,3 +267,48 @@ class TestObservability:
         assert throttled[-1]["scope"] == "account"
         assert secret not in caplog.text
         assert all(secret not in json.dumps(line) for line in lines)
+
+
+class TestForgetting:
+    async def test_counts_idle_past_the_forget_time_go_and_the_others_stay(
+        self, database_url: str, address: str, db: asyncpg.Connection
+    ) -> None:
+        """With an hour to forget and the 15-minute window: only the counts whose window and
+        block both ended more than an hour ago go."""
+        run = uuid.uuid4().hex
+        rows = {  # key: (window started, blocked until)
+            "idle": ("3 days", None),
+            "block ended long ago": ("3 days", "2 days"),
+            "window running": ("0 minutes", None),
+            "window ended minutes ago": ("20 minutes", None),
+            "block running": ("3 days", "-5 minutes"),
+            "block ended minutes ago": ("3 days", "10 minutes"),
+        }
+        await db.executemany(
+            "INSERT INTO login_throttles (key, failures, window_started_at, blocked_until) "
+            "VALUES ($1, 4, now() - $2::text::interval, now() - $3::text::interval)",
+            [(f"account:{run}:{name}", started, until) for name, (started, until) in rows.items()],
+        )
+
+        async def kept() -> set[str]:
+            found = await db.fetch(
+                "SELECT key FROM login_throttles WHERE key LIKE $1", f"account:{run}:%"
+            )
+            return {row["key"].rsplit(":", 1)[1] for row in found}
+
+        async with service(
+            database_url,
+            address,
+            login_throttle_forget_seconds=3600,
+            login_throttle_purge_interval_seconds=0.1,
+        ):
+            remaining = await eventually(
+                kept, until=lambda names: "idle" not in names, what="idle counts forgotten"
+            )
+
+        assert remaining == {
+            "window running",
+            "window ended minutes ago",
+            "block running",
+            "block ended minutes ago",
+        }

@@ -15,6 +15,7 @@ work rolls back, but its attempt counts.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
@@ -23,10 +24,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from opentelemetry.instrumentation.utils import suppress_instrumentation
 from sqlalchemy import bindparam, text
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
-from sqlalchemy.types import Text
+from sqlalchemy.types import Interval, Text
 
 from shared.errors import TooManyRequests
 from user_service.metrics import UserMetrics
@@ -83,6 +85,20 @@ _CLEAR = text("DELETE FROM login_throttles WHERE key = :key")
 _GIVE_BACK = text(
     "UPDATE login_throttles SET failures = greatest(failures - 1, 0) WHERE key = :key"
 )
+
+# Counts whose window and any block ended more than :forget ago, a batch at a time (replicas
+# purging at once skip each other's rows).
+_FORGET = text(
+    """
+    DELETE FROM login_throttles WHERE key IN (
+        SELECT key FROM login_throttles
+        WHERE window_started_at + :window < now() - :forget
+          AND coalesce(blocked_until, '-infinity') < now() - :forget
+        LIMIT :batch FOR UPDATE SKIP LOCKED
+    )
+    """
+).bindparams(bindparam("window", type_=Interval()), bindparam("forget", type_=Interval()))
+_FORGET_BATCH = 10_000
 
 
 @dataclass(slots=True)
@@ -205,6 +221,34 @@ class LoginThrottle:
         async with self._engine.begin() as connection:
             await connection.execute(_CLEAR, {"key": account_key(tenant_id, email)})
             await connection.execute(_GIVE_BACK, {"key": address_key(address)})
+
+    async def forget_idle(self, after: timedelta) -> int:
+        """Delete the counts nobody has touched for ``after`` since their window and any block
+        ended; returns how many."""
+        forgotten = 0
+        while True:
+            async with self._engine.begin() as connection:
+                result = await connection.execute(
+                    _FORGET,
+                    {"window": self._policy.window, "forget": after, "batch": _FORGET_BATCH},
+                )
+            forgotten += result.rowcount
+            if result.rowcount < _FORGET_BATCH:
+                return forgotten
+
+    async def forget_idle_every(self, interval: float, after: timedelta) -> None:
+        """Run :meth:`forget_idle` now and every ``interval`` seconds until cancelled; a
+        failure (the database away) is logged and the next round tries again."""
+        while True:
+            try:
+                with suppress_instrumentation():  # housekeeping, not worth a trace
+                    forgotten = await self.forget_idle(after)
+            except Exception as exc:
+                logger.warning("forgetting idle login counts failed", extra={"error": repr(exc)})
+            else:
+                if forgotten:
+                    logger.info("idle login counts forgotten", extra={"rows": forgotten})
+            await asyncio.sleep(interval)
 
     def _refuse(
         self,
