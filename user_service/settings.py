@@ -3,7 +3,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from shared.settings import DatabaseSettings
 
@@ -39,6 +39,9 @@ class UserServiceSettings(DatabaseSettings):
 
     # Sessions and invitations.
     refresh_token_ttl_seconds: int = Field(default=30 * 86_400, ge=60, le=365 * 86_400)
+    # A login's session (its family of refresh tokens) ends this long after the login, however
+    # often it is refreshed: a refresh token stolen and kept fresh by rotation dies with it.
+    refresh_session_max_seconds: int = Field(default=90 * 86_400, ge=60, le=3650 * 86_400)
     invitation_ttl_seconds: int = Field(default=7 * 86_400, ge=60, le=90 * 86_400)
 
     # Login throttling (counters in PostgreSQL, shared by every replica). After
@@ -70,6 +73,14 @@ class UserServiceSettings(DatabaseSettings):
     def _empty_is_unset(cls, value: object) -> object:
         # docker compose passes an unset ${VAR:-} as an empty string.
         return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _session_outlives_a_token(self) -> UserServiceSettings:
+        if self.refresh_session_max_seconds < self.refresh_token_ttl_seconds:
+            raise ValueError(
+                "REFRESH_SESSION_MAX_SECONDS must be at least REFRESH_TOKEN_TTL_SECONDS"
+            )
+        return self
 
     def production_problems(self) -> list[str]:
         problems = super().production_problems()

@@ -109,3 +109,10 @@ class TestProductionRefusesDevelopmentDefaults:
 
         with pytest.raises(ValidationError, match="RABBITMQ_URL"):
             BrokerSettings(_env_file=None)
+
+
+def test_a_session_maximum_shorter_than_a_refresh_token_is_refused() -> None:
+    with pytest.raises(ValidationError, match="REFRESH_SESSION_MAX_SECONDS"):
+        UserServiceSettings(
+            _env_file=None, refresh_token_ttl_seconds=3600, refresh_session_max_seconds=600
+        )

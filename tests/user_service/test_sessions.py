@@ -150,6 +150,39 @@ class TestRefresh:
 
         assert (response.status_code, response.json()) == (401, INVALID)
 
+    async def test_a_session_ends_its_maximum_after_the_login_however_often_refreshed(
+        self,
+        user_client: httpx.AsyncClient,
+        user_settings: UserServiceSettings,
+        session: dict[str, Any],
+        db: asyncpg.Connection,
+    ) -> None:
+        """The login was a day short of the maximum ago: the refreshed token lives that day,
+        not a whole TTL; once the day is gone, refreshing it fails."""
+        user_id = uuid.UUID(token_claims(session["access_token"])["sub"])
+        maximum, day = user_settings.refresh_session_max_seconds, 86_400
+        assert maximum - day > user_settings.refresh_token_ttl_seconds  # the TTL would outlive it
+        await db.execute(
+            "UPDATE refresh_tokens SET created_at = created_at - $2::int * interval '1 second' "
+            "WHERE user_id = $1",
+            user_id,
+            maximum - day,
+        )
+
+        tokens = await refreshed(user_client, session["refresh_token"])
+        assert day - 60 <= tokens["refresh_expires_in"] <= day
+        again = await refreshed(user_client, tokens["refresh_token"])
+        assert again["refresh_expires_in"] <= tokens["refresh_expires_in"]
+
+        await db.execute(
+            "UPDATE refresh_tokens SET created_at = created_at - interval '1 day' "
+            "WHERE user_id = $1",
+            user_id,
+        )
+        response = await refresh(user_client, again["refresh_token"])
+
+        assert (response.status_code, response.json()) == (401, INVALID)
+
     @pytest.mark.parametrize("token", ["x", "not-a-refresh-token", "A" * 43])
     async def test_an_unknown_token_is_refused(
         self, user_client: httpx.AsyncClient, token: str

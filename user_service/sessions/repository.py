@@ -9,7 +9,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from sqlalchemy import exists, select, text, update
+from sqlalchemy import exists, func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.models import RefreshToken, User
@@ -70,6 +70,13 @@ class RefreshTokenRepository:
             )
         )
         return bool(await self._session.scalar(statement))
+
+    async def family_started(self, family_id: uuid.UUID) -> datetime | None:
+        """When the family's login was: its first token's creation (None: no such family)."""
+        started: datetime | None = await self._session.scalar(
+            select(func.min(RefreshToken.created_at)).where(RefreshToken.family_id == family_id)
+        )
+        return started
 
     async def mark_rotated(self, token: RefreshToken, at: datetime) -> None:
         token.rotated_at = at

@@ -33,6 +33,7 @@ async def refresh(
             tokens=tokens,
             refresh_token=data.refresh_token,
             ttl_seconds=settings.refresh_token_ttl_seconds,
+            session_max_seconds=settings.refresh_session_max_seconds,
         )
     except RefreshTokenReused:
         metrics.refreshes.labels("reused").inc()

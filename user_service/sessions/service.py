@@ -57,8 +57,15 @@ async def start(
 
 
 async def refresh(
-    *, session: AsyncSession, tokens: TokenIssuer, refresh_token: str, ttl_seconds: int
+    *,
+    session: AsyncSession,
+    tokens: TokenIssuer,
+    refresh_token: str,
+    ttl_seconds: int,
+    session_max_seconds: int,
 ) -> TokenPair:
+    """A new pair for a valid refresh token; the new refresh token lives ``ttl_seconds``, but
+    never past ``session_max_seconds`` after the family's login."""
     repository = RefreshTokenRepository(session)
     found = await repository.find_for_update(token_hash(refresh_token))
     now = datetime.now(UTC)
@@ -80,12 +87,18 @@ async def refresh(
             },
         )
         raise RefreshTokenReused()
+    started = await repository.family_started(token.family_id)
+    if started is None:
+        raise InvalidRefreshToken()
+    left = int((started + timedelta(seconds=session_max_seconds) - now).total_seconds())
+    if left < 1:  # the session is over, however recently refreshed: log in again
+        raise InvalidRefreshToken()
     await repository.mark_rotated(token, now)
     return await start(
         session=session,
         tokens=tokens,
         user=user,
-        ttl_seconds=ttl_seconds,
+        ttl_seconds=min(ttl_seconds, left),
         family_id=token.family_id,
     )
 
