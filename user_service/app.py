@@ -19,6 +19,7 @@ from shared.logs import configure_logging
 from shared.telemetry import NO_NATIVE_TELEMETRY
 from shared.tokens import StaticKeys, TokenVerifier
 from shared.web import ReadinessCheck, health_router, install_common
+from user_service import housekeeping
 from user_service.members.router import router as members_router
 from user_service.metrics import UserMetrics
 from user_service.sessions.router import router as sessions_router
@@ -68,19 +69,22 @@ def create_app(settings: UserServiceSettings | None = None) -> FastAPI:
         )
         throttle = LoginThrottle(engine, _throttle_policy(settings), metrics)
         app.state.login_throttle = throttle
-        forgetting = asyncio.create_task(
-            throttle.forget_idle_every(
-                settings.login_throttle_purge_interval_seconds,
-                timedelta(seconds=settings.login_throttle_forget_seconds),
-            ),
-            name="forget-idle-login-counts",
+        work = housekeeping.chores(
+            throttle=throttle,
+            sessionmaker=app.state.sessionmaker,
+            forget_login_counts_after=timedelta(seconds=settings.login_throttle_forget_seconds),
+            keep_expired_sessions=timedelta(seconds=settings.refresh_token_retention_seconds),
+        )
+        housekeeper = asyncio.create_task(
+            housekeeping.run_every(settings.housekeeping_interval_seconds, work),
+            name="housekeeping",
         )
         try:
             yield
         finally:
-            forgetting.cancel()
+            housekeeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await forgetting
+                await housekeeper
             passwords.close()
             await engine.dispose()
 

@@ -42,6 +42,11 @@ class UserServiceSettings(DatabaseSettings):
     # A login's session (its family of refresh tokens) ends this long after the login, however
     # often it is refreshed: a refresh token stolen and kept fresh by rotation dies with it.
     refresh_session_max_seconds: int = Field(default=90 * 86_400, ge=60, le=3650 * 86_400)
+    # A session's rows are deleted this long after its last refresh token expired.
+    refresh_token_retention_seconds: int = Field(default=7 * 86_400, ge=0, le=3650 * 86_400)
+    # How often each process deletes the rows that no longer mean anything (idle login counts,
+    # sessions long expired): without it those tables only grow.
+    housekeeping_interval_seconds: float = Field(default=600.0, gt=0, le=86_400)
     invitation_ttl_seconds: int = Field(default=7 * 86_400, ge=60, le=90 * 86_400)
 
     # Login throttling (counters in PostgreSQL, shared by every replica). After
@@ -55,10 +60,8 @@ class UserServiceSettings(DatabaseSettings):
     login_throttle_max_seconds: int = Field(default=900, ge=1, le=86_400)
     login_address_max_failures: int = Field(default=100, ge=1, le=1_000_000)
     # A count nobody has touched for this long after its window and any block ended is
-    # forgotten (its account or address starts again from zero), looked for every interval:
-    # otherwise the table keeps a row for every account and address that ever failed.
+    # forgotten (its account or address starts again from zero).
     login_throttle_forget_seconds: int = Field(default=86_400, ge=60, le=365 * 86_400)
-    login_throttle_purge_interval_seconds: float = Field(default=600.0, gt=0, le=86_400)
     # Logins of one client address being hashed at once, per process; more are refused at once.
     login_max_in_flight_per_address: int = Field(default=4, ge=1, le=1_000)
 

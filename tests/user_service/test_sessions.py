@@ -14,6 +14,7 @@ import pytest
 
 from campaign_service.app import create_app as create_campaign_app
 from tests.pipeline.conftest import CAMPAIGN_SERVICE_URL, make_campaign_settings, wait_ready
+from tests.support.polling import eventually
 from tests.support.users import (
     bearer,
     invite_and_register,
@@ -23,6 +24,7 @@ from tests.support.users import (
     token_claims,
 )
 from user_service.settings import UserServiceSettings
+from user_service.tokens.opaque import token_hash
 
 INVALID = {"detail": "Invalid refresh token"}
 TOKEN_FIELDS = {"access_token", "token_type", "expires_in", "refresh_token", "refresh_expires_in"}
@@ -239,6 +241,62 @@ async def campaign_client(
             transport=httpx.ASGITransport(app=app), base_url=CAMPAIGN_SERVICE_URL
         ) as client:
             yield client
+
+
+class TestHousekeeping:
+    async def test_sessions_expired_past_the_retention_go_and_the_others_stay(
+        self,
+        user_client: httpx.AsyncClient,
+        tenant: str,
+        db: asyncpg.Connection,
+        start_user_service: Any,
+    ) -> None:
+        """With an hour's retention: a session whose tokens all expired two hours ago goes; one
+        whose old token did but whose newest is valid stays whole (and refreshes), and so does
+        one expired minutes ago."""
+        assert (await register(user_client, tenant)).status_code == 201
+        gone, refreshed_once, lately = [await logged_in(user_client, tenant) for _ in range(3)]
+        newest = await refreshed(user_client, refreshed_once["refresh_token"])
+
+        async def family(tokens: dict[str, Any]) -> uuid.UUID:
+            found: uuid.UUID = await db.fetchval(
+                "SELECT family_id FROM refresh_tokens WHERE token_hash = $1",
+                token_hash(tokens["refresh_token"]),
+            )
+            return found
+
+        families = {
+            "gone": await family(gone),
+            "refreshed once": await family(newest),
+            "lately": await family(lately),
+        }
+        for tokens, ago in ((gone, "2 hours"), (refreshed_once, "2 hours"), (lately, "10 minutes")):
+            await db.execute(
+                "UPDATE refresh_tokens SET expires_at = now() - $2::text::interval "
+                "WHERE family_id = $1 AND (token_hash = $3 OR $4)",
+                await family(tokens),
+                ago,
+                token_hash(tokens["refresh_token"]),
+                tokens is gone,
+            )
+
+        async def rows() -> dict[str, int]:
+            return {
+                name: await db.fetchval(
+                    "SELECT count(*) FROM refresh_tokens WHERE family_id = $1", family_id
+                )
+                for name, family_id in families.items()
+            }
+
+        async with start_user_service(
+            refresh_token_retention_seconds=3600, housekeeping_interval_seconds=0.1
+        ):
+            left = await eventually(
+                rows, until=lambda counts: counts["gone"] == 0, what="the expired session deleted"
+            )
+
+        assert left == {"gone": 0, "refreshed once": 2, "lately": 1}
+        assert (await refresh(user_client, newest["refresh_token"])).status_code == 200
 
 
 class TestCampaignServiceTakesEveryRole:

@@ -7,12 +7,31 @@ and its tenant is the row's. Everything else is scoped to the token's family or 
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import datetime, timedelta
 
-from sqlalchemy import exists, func, select, text, update
+from sqlalchemy import bindparam, exists, func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.types import Interval
 
 from shared.models import RefreshToken, User
+
+# Tokens of families whose every token expired more than :keep ago, a batch at a time
+# (replicas deleting at once skip each other's rows). A family with a token still valid, or
+# expired lately, keeps every row: its first token's creation is when its login was.
+_DELETE_EXPIRED = text(
+    """
+    DELETE FROM refresh_tokens WHERE id IN (
+        SELECT id FROM refresh_tokens AS old
+        WHERE old.expires_at < now() - :keep
+          AND NOT EXISTS (
+              SELECT FROM refresh_tokens AS newer
+              WHERE newer.family_id = old.family_id AND newer.expires_at >= now() - :keep
+          )
+        LIMIT :batch FOR UPDATE SKIP LOCKED
+    )
+    """
+).bindparams(bindparam("keep", type_=Interval()))
+DELETE_BATCH = 10_000
 
 # One lock per family, for the transaction (a 64-bit hash of the family id).
 _LOCK_FAMILY = text("SELECT pg_advisory_xact_lock(hashtextextended(:family, 0))")
@@ -81,6 +100,13 @@ class RefreshTokenRepository:
     async def mark_rotated(self, token: RefreshToken, at: datetime) -> None:
         token.rotated_at = at
         await self._session.flush()
+
+    async def delete_expired(self, keep: timedelta) -> int:
+        """Delete up to ``DELETE_BATCH`` tokens of sessions whose every token expired more than
+        ``keep`` ago; returns how many."""
+        result = await self._session.execute(_DELETE_EXPIRED, {"keep": keep, "batch": DELETE_BATCH})
+        deleted: int = result.rowcount  # type: ignore[attr-defined]
+        return deleted
 
     async def revoke_family(self, family_id: uuid.UUID, at: datetime) -> None:
         await self._session.execute(

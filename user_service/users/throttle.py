@@ -15,7 +15,6 @@ work rolls back, but its attempt counts.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import math
@@ -24,7 +23,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from opentelemetry.instrumentation.utils import suppress_instrumentation
 from sqlalchemy import bindparam, text
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -235,20 +233,6 @@ class LoginThrottle:
             forgotten += result.rowcount
             if result.rowcount < _FORGET_BATCH:
                 return forgotten
-
-    async def forget_idle_every(self, interval: float, after: timedelta) -> None:
-        """Run :meth:`forget_idle` now and every ``interval`` seconds until cancelled; a
-        failure (the database away) is logged and the next round tries again."""
-        while True:
-            try:
-                with suppress_instrumentation():  # housekeeping, not worth a trace
-                    forgotten = await self.forget_idle(after)
-            except Exception as exc:
-                logger.warning("forgetting idle login counts failed", extra={"error": repr(exc)})
-            else:
-                if forgotten:
-                    logger.info("idle login counts forgotten", extra={"rows": forgotten})
-            await asyncio.sleep(interval)
 
     def _refuse(
         self,
