@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 
 import httpx
 from fastapi import FastAPI, Request
@@ -49,6 +50,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                 keepalive_expiry=settings.gateway_keepalive_expiry_seconds,
             ),
             follow_redirects=False,
+            # The client serves every caller: an upstream's cookies go back to the caller in
+            # its response, and are never kept to go out with anybody else's request.
+            cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
         )
         # A CLIENT span for every upstream call, whose W3C context the upstream continues.
         HTTPXClientInstrumentor.instrument_client(

@@ -288,6 +288,21 @@ class TestForwarding:
         assert len(response.headers.get_list("date")) == 1  # the gateway's, not two
         assert len(response.headers.get_list("server")) <= 1
 
+    async def test_an_upstreams_cookies_go_to_its_caller_only(self, echo: tuple[Echo, str]) -> None:
+        """The echo sets cookies on every answer: the gateway hands them to the caller and
+        keeps none, so a later request, another caller's, carries only its own Cookie."""
+        _, url = echo
+        async with gateway(echo_routes(url)) as (client, _):
+            first = await client.get("/api/echo/one")
+            client.cookies.clear()  # the caller forgets them; the gateway must not remember
+            without = await client.get("/api/echo/two")
+            own = await client.get("/api/echo/three", headers={"Cookie": "mine=3"})
+
+        assert first.headers.get_list("set-cookie") == ["a=1", "b=2"]
+        assert "cookie" not in headers_of(first.json())
+        assert "cookie" not in headers_of(without.json())
+        assert headers_of(own.json())["cookie"] == ["mine=3"]
+
     async def test_request_id_is_always_the_gateways_own(
         self, echo: tuple[Echo, str], capsys: pytest.CaptureFixture[str]
     ) -> None:
