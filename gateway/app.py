@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from http.cookiejar import CookieJar, DefaultCookiePolicy
+from http.client import HTTPResponse
+from http.cookiejar import Cookie, CookieJar
+from urllib.request import Request as UrllibRequest
 
 import httpx
 from fastapi import FastAPI, Request
@@ -27,6 +29,18 @@ from shared.telemetry import NO_NATIVE_TELEMETRY, configure_tracing
 from shared.web import health_router, install_common
 
 PROXIED_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+
+
+class KeepNoCookies(CookieJar):
+    """The upstream client's cookie jar: the client serves every caller, so an upstream's
+    cookies go back to the caller in its response and are never kept, to go out with anybody
+    else's request."""
+
+    def extract_cookies(self, response: HTTPResponse, request: UrllibRequest) -> None:
+        return None
+
+    def set_cookie(self, cookie: Cookie) -> None:
+        return None
 
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
@@ -50,9 +64,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                 keepalive_expiry=settings.gateway_keepalive_expiry_seconds,
             ),
             follow_redirects=False,
-            # The client serves every caller: an upstream's cookies go back to the caller in
-            # its response, and are never kept to go out with anybody else's request.
-            cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
+            cookies=KeepNoCookies(),
         )
         # A CLIENT span for every upstream call, whose W3C context the upstream continues.
         HTTPXClientInstrumentor.instrument_client(
