@@ -73,7 +73,7 @@ def create_app(settings: UserServiceSettings | None = None) -> FastAPI:
             throttle=throttle,
             sessionmaker=app.state.sessionmaker,
             forget_login_counts_after=timedelta(seconds=settings.login_throttle_forget_seconds),
-            keep_expired_sessions=timedelta(seconds=settings.refresh_token_retention_seconds),
+            keep_expired_tokens=timedelta(seconds=settings.refresh_token_retention_seconds),
         )
         housekeeper = asyncio.create_task(
             housekeeping.run_every(settings.housekeeping_interval_seconds, work),

@@ -42,11 +42,11 @@ class UserServiceSettings(DatabaseSettings):
     # A login's session (its family of refresh tokens) ends this long after the login, however
     # often it is refreshed: a refresh token stolen and kept fresh by rotation dies with it.
     refresh_session_max_seconds: int = Field(default=90 * 86_400, ge=60, le=3650 * 86_400)
-    # A session's rows are deleted this long after its last refresh token expired.
+    # A refresh token's row is deleted this long after it expired.
     refresh_token_retention_seconds: int = Field(default=7 * 86_400, ge=0, le=3650 * 86_400)
     # How often each process deletes the rows that no longer mean anything (idle login counts,
-    # sessions long expired): without it those tables only grow.
-    housekeeping_interval_seconds: float = Field(default=600.0, gt=0, le=86_400)
+    # refresh tokens long expired): without it those tables only grow.
+    housekeeping_interval_seconds: float = Field(default=600.0, ge=1, le=86_400)
     invitation_ttl_seconds: int = Field(default=7 * 86_400, ge=60, le=90 * 86_400)
 
     # Login throttling (counters in PostgreSQL, shared by every replica). After

@@ -74,6 +74,7 @@ class RefreshToken(TenantOwned, Base):
     __table_args__ = (
         Index("ix_refresh_tokens_family_id", "family_id"),
         Index("ix_refresh_tokens_user_id", "user_id"),
+        Index("ix_refresh_tokens_expires_at", "expires_at"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
@@ -84,6 +85,9 @@ class RefreshToken(TenantOwned, Base):
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     rotated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # When the family's login was: copied from token to token, so that no deletion of old
+    # tokens moves it.
+    session_started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 class LoginThrottle(Base):
@@ -91,6 +95,7 @@ class LoginThrottle(Base):
     window that started at ``window_started_at``, and until when its logins are refused."""
 
     __tablename__ = "login_throttles"
+    __table_args__ = (Index("ix_login_throttles_window_started_at", "window_started_at"),)
 
     key: Mapped[str] = mapped_column(Text, primary_key=True)
     failures: Mapped[int] = mapped_column(Integer)

@@ -117,3 +117,58 @@ class TestTenantsMigration:
             await connection.close()
 
         assert [row["id"] for row in owners] == [ids[0]]
+
+
+@pytest.fixture
+async def database_at_0004(run_id: str) -> AsyncIterator[str]:
+    """A database of the test's own, migrated to 0004 (before sessions carried their start)."""
+    name = f"campaigns_migration_{run_id}_{uuid.uuid4().hex[:6]}"
+    url = await create_database(ADMIN_DATABASE_URL, name)
+    try:
+        await migrate(url, "0004")
+        yield url
+    finally:
+        await drop_database(ADMIN_DATABASE_URL, name)
+
+
+class TestSessionStartMigration:
+    async def test_each_token_gets_its_sessions_first_token_creation(
+        self, database_at_0004: str
+    ) -> None:
+        start = datetime(2026, 1, 1, tzinfo=UTC)
+        families = {uuid.uuid4(): [0, 15, 30], uuid.uuid4(): [60]}  # minutes after start
+        connection = await asyncpg.connect(database_at_0004.replace("+asyncpg", ""))
+        try:
+            await connection.execute("INSERT INTO tenants (id) VALUES ('acme')")
+            user_id = await connection.fetchval(
+                "INSERT INTO users (id, tenant_id, email, hashed_password, role) "
+                "VALUES ($1, 'acme', 'ada@example.com', 'x', 'owner') RETURNING id",
+                uuid.uuid4(),
+            )
+            for family_id, minutes in families.items():
+                for minute in minutes:
+                    await connection.execute(
+                        "INSERT INTO refresh_tokens (id, tenant_id, user_id, family_id, "
+                        "token_hash, created_at, expires_at) "
+                        "VALUES ($1, 'acme', $2, $3, $4, $5::timestamptz, "
+                        "$5::timestamptz + interval '30 days')",
+                        uuid.uuid4(),
+                        user_id,
+                        family_id,
+                        uuid.uuid4().bytes * 2,
+                        start + timedelta(minutes=minute),
+                    )
+
+            await migrate(database_at_0004)
+
+            rows = await connection.fetch(
+                "SELECT family_id, session_started_at FROM refresh_tokens"
+            )
+        finally:
+            await connection.close()
+
+        assert sorted((row["family_id"], row["session_started_at"]) for row in rows) == sorted(
+            (family_id, start + timedelta(minutes=minutes[0]))
+            for family_id, minutes in families.items()
+            for _ in minutes
+        )

@@ -165,7 +165,8 @@ class TestRefresh:
         maximum, day = user_settings.refresh_session_max_seconds, 86_400
         assert maximum - day > user_settings.refresh_token_ttl_seconds  # the TTL would outlive it
         await db.execute(
-            "UPDATE refresh_tokens SET created_at = created_at - $2::int * interval '1 second' "
+            "UPDATE refresh_tokens "
+            "SET session_started_at = session_started_at - $2::int * interval '1 second' "
             "WHERE user_id = $1",
             user_id,
             maximum - day,
@@ -177,7 +178,7 @@ class TestRefresh:
         assert again["refresh_expires_in"] <= tokens["refresh_expires_in"]
 
         await db.execute(
-            "UPDATE refresh_tokens SET created_at = created_at - interval '1 day' "
+            "UPDATE refresh_tokens SET session_started_at = session_started_at - interval '1 day' "
             "WHERE user_id = $1",
             user_id,
         )
@@ -244,59 +245,60 @@ async def campaign_client(
 
 
 class TestHousekeeping:
-    async def test_sessions_expired_past_the_retention_go_and_the_others_stay(
+    async def test_tokens_expired_past_the_retention_go_and_their_sessions_keep_their_end(
         self,
         user_client: httpx.AsyncClient,
+        user_settings: UserServiceSettings,
         tenant: str,
         db: asyncpg.Connection,
         start_user_service: Any,
     ) -> None:
-        """With an hour's retention: a session whose tokens all expired two hours ago goes; one
-        whose old token did but whose newest is valid stays whole (and refreshes), and so does
-        one expired minutes ago."""
+        """With an hour's retention: a session's token expired two hours ago goes, one expired
+        minutes ago stays. A session whose first token went still refreshes, and still ends
+        its maximum after its login."""
         assert (await register(user_client, tenant)).status_code == 201
         gone, refreshed_once, lately = [await logged_in(user_client, tenant) for _ in range(3)]
         newest = await refreshed(user_client, refreshed_once["refresh_token"])
-
-        async def family(tokens: dict[str, Any]) -> uuid.UUID:
-            found: uuid.UUID = await db.fetchval(
-                "SELECT family_id FROM refresh_tokens WHERE token_hash = $1",
-                token_hash(tokens["refresh_token"]),
-            )
-            return found
-
-        families = {
-            "gone": await family(gone),
-            "refreshed once": await family(newest),
-            "lately": await family(lately),
+        expired = {
+            "gone": (gone, "2 hours"),
+            "rotated": (refreshed_once, "2 hours"),
+            "lately": (lately, "10 minutes"),
         }
-        for tokens, ago in ((gone, "2 hours"), (refreshed_once, "2 hours"), (lately, "10 minutes")):
+        for tokens, ago in expired.values():
             await db.execute(
                 "UPDATE refresh_tokens SET expires_at = now() - $2::text::interval "
-                "WHERE family_id = $1 AND (token_hash = $3 OR $4)",
-                await family(tokens),
-                ago,
+                "WHERE token_hash = $1",
                 token_hash(tokens["refresh_token"]),
-                tokens is gone,
+                ago,
             )
+        # The session refreshed once started a day short of the maximum ago.
+        maximum, day = user_settings.refresh_session_max_seconds, 86_400
+        await db.execute(
+            "UPDATE refresh_tokens "
+            "SET session_started_at = session_started_at - $2::int * interval '1 second' "
+            "WHERE token_hash = $1",
+            token_hash(newest["refresh_token"]),
+            maximum - day,
+        )
 
-        async def rows() -> dict[str, int]:
-            return {
-                name: await db.fetchval(
-                    "SELECT count(*) FROM refresh_tokens WHERE family_id = $1", family_id
-                )
-                for name, family_id in families.items()
-            }
+        async def present() -> set[str]:
+            found = set()
+            for name, (tokens, _) in {**expired, "newest": (newest, "")}.items():
+                digest = token_hash(tokens["refresh_token"])
+                if await db.fetchval("SELECT 1 FROM refresh_tokens WHERE token_hash = $1", digest):
+                    found.add(name)
+            return found
 
         async with start_user_service(
-            refresh_token_retention_seconds=3600, housekeeping_interval_seconds=0.1
+            refresh_token_retention_seconds=3600, housekeeping_interval_seconds=1
         ):
             left = await eventually(
-                rows, until=lambda counts: counts["gone"] == 0, what="the expired session deleted"
+                present, until=lambda names: "gone" not in names, what="expired tokens deleted"
             )
 
-        assert left == {"gone": 0, "refreshed once": 2, "lately": 1}
-        assert (await refresh(user_client, newest["refresh_token"])).status_code == 200
+        assert left == {"lately", "newest"}
+        again = await refreshed(user_client, newest["refresh_token"])
+        assert day - 60 <= again["refresh_expires_in"] <= day
 
 
 class TestCampaignServiceTakesEveryRole:

@@ -300,7 +300,7 @@ class TestForgetting:
             database_url,
             address,
             login_throttle_forget_seconds=3600,
-            housekeeping_interval_seconds=0.1,
+            housekeeping_interval_seconds=1,
         ):
             remaining = await eventually(
                 kept, until=lambda names: "idle" not in names, what="idle counts forgotten"

@@ -9,24 +9,19 @@ from __future__ import annotations
 import uuid
 from datetime import datetime, timedelta
 
-from sqlalchemy import bindparam, exists, func, select, text, update
+from sqlalchemy import bindparam, exists, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.types import Interval
 
 from shared.models import RefreshToken, User
 
-# Tokens of families whose every token expired more than :keep ago, a batch at a time
-# (replicas deleting at once skip each other's rows). A family with a token still valid, or
-# expired lately, keeps every row: its first token's creation is when its login was.
+# Tokens expired more than :keep ago, a batch at a time (replicas deleting at once skip each
+# other's rows). An expired token is refused before anything else is looked at, so its row
+# only records that it existed; its session's start travels with every newer token.
 _DELETE_EXPIRED = text(
     """
     DELETE FROM refresh_tokens WHERE id IN (
-        SELECT id FROM refresh_tokens AS old
-        WHERE old.expires_at < now() - :keep
-          AND NOT EXISTS (
-              SELECT FROM refresh_tokens AS newer
-              WHERE newer.family_id = old.family_id AND newer.expires_at >= now() - :keep
-          )
+        SELECT id FROM refresh_tokens WHERE expires_at < now() - :keep
         LIMIT :batch FOR UPDATE SKIP LOCKED
     )
     """
@@ -48,6 +43,7 @@ class RefreshTokenRepository:
         family_id: uuid.UUID,
         token_hash: bytes,
         expires_at: datetime,
+        session_started_at: datetime,
     ) -> None:
         self._session.add(
             RefreshToken(
@@ -57,6 +53,7 @@ class RefreshTokenRepository:
                 family_id=family_id,
                 token_hash=token_hash,
                 expires_at=expires_at,
+                session_started_at=session_started_at,
             )
         )
         await self._session.flush()
@@ -90,20 +87,13 @@ class RefreshTokenRepository:
         )
         return bool(await self._session.scalar(statement))
 
-    async def family_started(self, family_id: uuid.UUID) -> datetime | None:
-        """When the family's login was: its first token's creation (None: no such family)."""
-        started: datetime | None = await self._session.scalar(
-            select(func.min(RefreshToken.created_at)).where(RefreshToken.family_id == family_id)
-        )
-        return started
-
     async def mark_rotated(self, token: RefreshToken, at: datetime) -> None:
         token.rotated_at = at
         await self._session.flush()
 
     async def delete_expired(self, keep: timedelta) -> int:
-        """Delete up to ``DELETE_BATCH`` tokens of sessions whose every token expired more than
-        ``keep`` ago; returns how many."""
+        """Delete up to ``DELETE_BATCH`` tokens that expired more than ``keep`` ago; returns
+        how many."""
         result = await self._session.execute(_DELETE_EXPIRED, {"keep": keep, "batch": DELETE_BATCH})
         deleted: int = result.rowcount  # type: ignore[attr-defined]
         return deleted

@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.errors import Unauthorized
-from shared.models import User
+from shared.models import RefreshToken, User
 from user_service.sessions.repository import RefreshTokenRepository
 from user_service.tokens.issuer import TokenIssuer
 from user_service.tokens.opaque import new_token, token_hash
@@ -42,15 +42,18 @@ async def start(
     tokens: TokenIssuer,
     user: User,
     ttl_seconds: int,
-    family_id: uuid.UUID | None = None,
+    continuing: RefreshToken | None = None,
 ) -> TokenPair:
-    """An access token and a new refresh token (of a new family, or of ``family_id``)."""
+    """An access token and a new refresh token: of a new session, or of the one ``continuing``
+    was a token of."""
     refresh_token, digest = new_token()
+    now = datetime.now(UTC)
     await RefreshTokenRepository(session).add(
         user=user,
-        family_id=family_id or uuid.uuid4(),
+        family_id=uuid.uuid4() if continuing is None else continuing.family_id,
         token_hash=digest,
-        expires_at=datetime.now(UTC) + timedelta(seconds=ttl_seconds),
+        expires_at=now + timedelta(seconds=ttl_seconds),
+        session_started_at=now if continuing is None else continuing.session_started_at,
     )
     access = tokens.issue(user_id=user.id, tenant_id=user.tenant_id, role=user.role)
     return TokenPair(access.access_token, access.expires_in, refresh_token, ttl_seconds)
@@ -65,7 +68,7 @@ async def refresh(
     session_max_seconds: int,
 ) -> TokenPair:
     """A new pair for a valid refresh token; the new refresh token lives ``ttl_seconds``, but
-    never past ``session_max_seconds`` after the family's login."""
+    never past ``session_max_seconds`` after the session's login."""
     repository = RefreshTokenRepository(session)
     found = await repository.find_for_update(token_hash(refresh_token))
     now = datetime.now(UTC)
@@ -87,10 +90,8 @@ async def refresh(
             },
         )
         raise RefreshTokenReused()
-    started = await repository.family_started(token.family_id)
-    if started is None:
-        raise InvalidRefreshToken()
-    left = int((started + timedelta(seconds=session_max_seconds) - now).total_seconds())
+    ends = token.session_started_at + timedelta(seconds=session_max_seconds)
+    left = int((ends - now).total_seconds())
     if left < 1:  # the session is over, however recently refreshed: log in again
         raise InvalidRefreshToken()
     await repository.mark_rotated(token, now)
@@ -99,7 +100,7 @@ async def refresh(
         tokens=tokens,
         user=user,
         ttl_seconds=min(ttl_seconds, left),
-        family_id=token.family_id,
+        continuing=token,
     )
 
 

@@ -90,8 +90,8 @@ _FORGET = text(
     """
     DELETE FROM login_throttles WHERE key IN (
         SELECT key FROM login_throttles
-        WHERE window_started_at + :window < now() - :forget
-          AND coalesce(blocked_until, '-infinity') < now() - :forget
+        WHERE window_started_at < now() - :forget - :window
+          AND (blocked_until IS NULL OR blocked_until < now() - :forget)
         LIMIT :batch FOR UPDATE SKIP LOCKED
     )
     """
@@ -184,8 +184,12 @@ class LoginThrottle:
     ) -> tuple[dict[str, _Count], datetime]:
         """The keys' counts, locked (in key order: no deadlock between two attempts), with the
         database's time; a count whose window has passed starts again."""
-        await connection.execute(_ENSURE, {"keys": keys})
-        rows = (await connection.execute(_LOCK, {"keys": keys})).all()
+        while True:
+            await connection.execute(_ENSURE, {"keys": keys})
+            rows = (await connection.execute(_LOCK, {"keys": keys})).all()
+            if len(rows) == len(set(keys)):
+                break
+            # The housekeeping forgot a count between the two statements: make it again.
         now: datetime = rows[0].now
         counts = {}
         for row in rows:
