@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -50,16 +51,23 @@ USERS_AT_0002 = [
 ]
 
 
-@pytest.fixture
-async def database_at_0002(run_id: str) -> AsyncIterator[str]:
-    """A database of the test's own, migrated to 0002 only (before tenants and roles)."""
+@asynccontextmanager
+async def database_at(run_id: str, revision: str) -> AsyncIterator[str]:
+    """A database of the test's own, migrated up to ``revision`` only."""
     name = f"campaigns_migration_{run_id}_{uuid.uuid4().hex[:6]}"
     url = await create_database(ADMIN_DATABASE_URL, name)
     try:
-        await migrate(url, "0002")
+        await migrate(url, revision)
         yield url
     finally:
         await drop_database(ADMIN_DATABASE_URL, name)
+
+
+@pytest.fixture
+async def database_at_0002(run_id: str) -> AsyncIterator[str]:
+    """Before tenants and roles."""
+    async with database_at(run_id, "0002") as url:
+        yield url
 
 
 class TestTenantsMigration:
@@ -121,14 +129,9 @@ class TestTenantsMigration:
 
 @pytest.fixture
 async def database_at_0004(run_id: str) -> AsyncIterator[str]:
-    """A database of the test's own, migrated to 0004 (before sessions carried their start)."""
-    name = f"campaigns_migration_{run_id}_{uuid.uuid4().hex[:6]}"
-    url = await create_database(ADMIN_DATABASE_URL, name)
-    try:
-        await migrate(url, "0004")
+    """Before sessions carried their start."""
+    async with database_at(run_id, "0004") as url:
         yield url
-    finally:
-        await drop_database(ADMIN_DATABASE_URL, name)
 
 
 class TestSessionStartMigration:
