@@ -100,6 +100,8 @@ class OutboxRelay:
         self._fresh_seconds = settings.outbox_claim_after_seconds / 2
         self._overflow = 0  # rows left to the poll since the last warning
         self._overflow_logged = -_OVERFLOW_LOG_SECONDS
+        self._behind = 0  # rows the fast path got to too late, since the last warning
+        self._behind_logged = -_OVERFLOW_LOG_SECONDS
         # Rows of confirmed fast-path messages, and when the first of them must be deleted.
         self._published: list[uuid.UUID] = []
         self._delete_due = 0.0
@@ -132,6 +134,14 @@ class OutboxRelay:
                 extra={"rows": self._overflow},
             )
             self._overflow, self._overflow_logged = 0, now
+
+    def _report_behind(self, now: float) -> None:
+        if self._behind and now >= self._behind_logged + _OVERFLOW_LOG_SECONDS:
+            logger.warning(
+                "outbox fast path behind; rows left to the poll",
+                extra={"rows": self._behind, "after_seconds": self._fresh_seconds},
+            )
+            self._behind, self._behind_logged = 0, now
 
     def session_class(self) -> type[Session]:
         """A session class whose commits hand this relay the outbox messages they wrote."""
@@ -213,9 +223,10 @@ class OutboxRelay:
             # Fresh as this batch starts, not as the pass did: with slow confirms a pass takes
             # long, and what the poll may take by now is the poll's.
             fresh_since = time.monotonic() - self._fresh_seconds
-            batch = [
-                m for handed, m in taken[start : start + self._batch_size] if handed >= fresh_since
-            ]
+            chunk = taken[start : start + self._batch_size]
+            batch = [m for handed, m in chunk if handed >= fresh_since]
+            self._behind += len(chunk) - len(batch)
+            self._report_behind(time.monotonic())
             if not batch:
                 continue
             if not await self._broker.ping(timeout=0.05):

@@ -507,6 +507,7 @@ class TestFastPath:
         user_client: httpx.AsyncClient,
         db: asyncpg.Connection,
         tenant: str,
+        caplog: pytest.LogCaptureFixture,
     ) -> None:
         """The writer's broker confirms slowly (1.5 s a batch of 2) while another replica polls
         every 50 ms: one commit of 10 events takes the writer's fast path 7.5 s, past the claim
@@ -553,6 +554,14 @@ class TestFastPath:
         )
         assert sum(by_each) == 10
         assert by_each[1] > 0  # the poll took what the slow writer no longer owned
+        # Said, with how many it left (at most once every ten seconds).
+        behind = [
+            r.rows  # type: ignore[attr-defined]
+            for r in caplog.records
+            if r.getMessage().startswith("outbox fast path behind")
+        ]
+        assert behind
+        assert all(rows > 0 for rows in behind)
 
 
 def count_statements(engine: AsyncEngine, prefix: str) -> list[str]:
